@@ -1,0 +1,65 @@
+"""Typed configuration, built once (from the CLI or a script) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Shape of a Llama-family model. Filled from GGUF metadata or a HF config.json."""
+
+    architecture: str  # registry key, e.g. "llama", "qwen2", "qwen3", "mistral"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_scaling dict (llama3 type supported)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    sliding_window: int | None = None  # not supported yet; kept for validation messages
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int = 1 << 30  # bytes for the KV pool (all layers, K and V)
+    num_blocks: int | None = None  # overrides kv_cache_memory when set (tests)
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # running sequences at once
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    max_model_len: int = 8192  # prompt + completion
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str  # path or registry name
+    dtype: str = "float32"
+    device: str = "cpu"
+    num_threads: int | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    served_model_name: str = "SmolLM2-135M-Instruct"
+    max_body_bytes: int = 16 << 20
+    max_n: int = 16
+    max_messages: int = 2048
+    max_tools: int = 128
+    log_level: str = "info"
