@@ -1,0 +1,132 @@
+"""asyncio front of the engine: add_request() -> async iterator of outputs; abort().
+
+One background thread owns the EngineCore and runs its steps; the event loop only queues
+commands and receives outputs, so a forward pass never blocks HTTP handling. (torch releases
+the GIL inside its kernels.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from layerserve.engine.core import EngineCore, EngineStats
+from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams
+
+log = logging.getLogger("layerserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread is not running."""
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="layerserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._commands.put(("wake",))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Queue a request; returns the iterator of its outputs. Raises InvalidRequest at once
+        when the request can never be served (e.g. too long). Leaving the iterator early aborts."""
+        if not self.running:
+            raise EngineDeadError("the engine is not running")
+        self.core.validate(prompt_ids, params)
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt_ids, params))
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort at the next step; the request's blocks are freed then."""
+        self._streams.pop(request_id, None)
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    # ---- engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        core = self.core
+        while not self._stopping.is_set():
+            block = not core.has_work()
+            outputs: list[RequestOutput] = []
+            try:
+                while True:
+                    cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+                    block = False
+                    outputs += self._apply(cmd)
+            except queue.Empty:
+                pass
+            if core.has_work():
+                try:
+                    outputs += core.step()
+                except Exception as exc:  # a fault fails the requests in flight, not the server
+                    log.exception("engine step failed")
+                    outputs += core.fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
+            if outputs:
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _apply(self, cmd: tuple) -> list[RequestOutput]:
+        if cmd[0] == "add":
+            _, request_id, prompt_ids, params = cmd
+            try:
+                self.core.add_request(request_id, prompt_ids, params)
+            except Exception as exc:
+                return [RequestOutput(request_id, [], len(prompt_ids), 0, 0, True, error=str(exc))]
+        elif cmd[0] == "abort":
+            out = self.core.abort(cmd[1], FinishReason.ABORT)
+            return [out] if out is not None else []
+        return []
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.put_nowait(out)
+            if out.finished:
+                del self._streams[out.request_id]

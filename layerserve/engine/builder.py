@@ -1,0 +1,83 @@
+"""Build an EngineCore from an EngineConfig: load weights and tokenizer, size the KV pool."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerserve.config import EngineConfig, ModelConfig
+from layerserve.engine.core import EngineCore
+from layerserve.model.loader import load_model_files
+from layerserve.model.registry import MODELS
+from layerserve.model.runner import ModelRunner, kv_bytes_per_token
+
+log = logging.getLogger("layerserve.engine")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineInfo:
+    """What a caller needs to know about the loaded engine."""
+
+    model_path: str
+    model_config: ModelConfig
+    dtype: str
+    num_blocks: int
+    block_size: int
+    kv_cache_bytes: int
+    max_model_len: int
+    load_seconds: float
+
+
+def resolve_model_path(model: str | None) -> Path:
+    from layerserve.model_files import default_model_path
+
+    if not model or model in ("default", "smollm2", "SmolLM2-135M-Instruct"):
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {model!r} is neither a known name nor an existing path")
+    return path
+
+
+def load_tokenizer(path: Path):
+    from layerserve.text.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path) if path.is_dir() else Tokenizer.from_gguf(path)
+
+
+def build_engine(config: EngineConfig, progress: bool = True) -> tuple[EngineCore, EngineInfo]:
+    started = time.monotonic()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    dtype = _DTYPES.get(config.dtype)
+    if dtype is None:
+        raise ValueError(f"unsupported dtype {config.dtype!r} (choose from {', '.join(_DTYPES)})")
+    path = resolve_model_path(config.model)
+    loaded = load_model_files(path, dtype=dtype, progress=progress)
+    tokenizer = load_tokenizer(path)
+    mc = loaded.config
+    max_model_len = min(config.scheduler.max_model_len, mc.max_position_embeddings)
+    model_cls = MODELS.resolve(mc.architecture)
+    model = model_cls(mc, loaded.weights, loaded.rope_freq_factors, max_positions=max_model_len)
+    cache = config.cache
+    per_block = kv_bytes_per_token(model) * cache.block_size
+    num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
+    pool_tokens = num_blocks * cache.block_size
+    if pool_tokens < max_model_len:
+        log.warning("KV pool holds %d tokens; limiting max_model_len from %d", pool_tokens, max_model_len)
+        max_model_len = pool_tokens
+    sched = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
+    config = dataclasses.replace(config, scheduler=sched)
+    runner = ModelRunner(model, num_blocks, cache.block_size)
+    core = EngineCore(config, runner, tokenizer, num_blocks)
+    info = EngineInfo(str(path), mc, config.dtype, num_blocks, cache.block_size, num_blocks * per_block,
+                      max_model_len, time.monotonic() - started)
+    return core, info

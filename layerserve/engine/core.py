@@ -1,0 +1,151 @@
+"""EngineCore.step(): schedule -> execute -> update. Synchronous; no asyncio, no HTTP."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass
+
+from layerserve.config import EngineConfig
+from layerserve.engine.kv_cache import KVCacheManager
+from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams
+from layerserve.engine.scheduler import Scheduler
+from layerserve.engine.sequence import RequestGroup, Sequence
+from layerserve.engine.output import OutputProcessor
+
+
+class InvalidRequest(ValueError):
+    """The request cannot be served as asked (user error); the message says why."""
+
+    def __init__(self, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of blocks held by running sequences
+    num_free_blocks: int
+    num_blocks: int
+    num_cached_blocks: int
+    prefix_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_hits: int  # of which found
+    num_preemptions: int
+    num_steps: int
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, runner, tokenizer, num_blocks: int) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = config.scheduler.max_model_len
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.outputs = OutputProcessor(tokenizer, self.max_model_len)
+        self.groups: dict[str, RequestGroup] = {}
+        self._seq_ids = itertools.count()
+        self._rng = random.Random()
+        self.num_steps = 0
+
+    # ---- requests ------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest when the request can never be served."""
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", param="messages")
+        if max(prompt_ids) >= self.runner.vocab_size or min(prompt_ids) < 0:
+            raise InvalidRequest("prompt contains token ids outside the vocabulary", param="prompt")
+        max_tokens = params.max_tokens or 0
+        if len(prompt_ids) + max_tokens > self.max_model_len or len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, {max_tokens} in the "
+                f"completion). Please reduce the length of the messages or completion.",
+                code="context_length_exceeded",
+                param="messages",
+            )
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestGroup:
+        self.validate(prompt_ids, params)
+        if request_id in self.groups:
+            raise InvalidRequest(f"duplicate request id {request_id}")
+        group = RequestGroup(request_id, list(prompt_ids), params, time.monotonic())
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), group, index, list(prompt_ids), len(prompt_ids), base_seed + index)
+            self.outputs.init_sequence(seq)
+            group.seqs.append(seq)
+        self.groups[request_id] = group
+        self.scheduler.add(group)
+        return group
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
+        """Finish a request now, freeing its blocks. Returns its last output (None if unknown)."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        for seq in group.seqs:
+            if not seq.finished:
+                seq.finish_reason = reason
+                self.scheduler.finish(seq)
+        return self.outputs.make_output(group, error=None)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        self.num_steps += 1
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out)
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_indexed_blocks = self.kv.cache_full_blocks(
+                seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes, seq.num_indexed_blocks
+            )
+        touched: dict[str, RequestGroup] = {}
+        for (seq, _), token_id, logprob in zip(out.samples, result.token_ids, result.logprobs):
+            if seq.finished:
+                continue
+            if self.outputs.append_token(seq, token_id, logprob):
+                self.scheduler.finish(seq)
+            touched[seq.group.request_id] = seq.group
+        outputs = []
+        for request_id, group in touched.items():
+            outputs.append(self.outputs.make_output(group))
+            if group.finished:
+                del self.groups[request_id]
+        return outputs
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """After a fault in a step: finish every request in flight with an error, free their blocks."""
+        outputs = []
+        for request_id in list(self.groups):
+            group = self.groups.pop(request_id)
+            for seq in group.seqs:
+                if not seq.finished:
+                    seq.finish_reason = FinishReason.ERROR
+                    self.scheduler.finish(seq)
+            outputs.append(self.outputs.make_output(group, error=message))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv.usage(),
+            num_free_blocks=self.kv.num_free_blocks,
+            num_blocks=self.kv.num_blocks,
+            num_cached_blocks=self.kv.num_cached_blocks,
+            prefix_queries=self.kv.stats.queries,
+            prefix_hits=self.kv.stats.hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+        )

@@ -1,0 +1,168 @@
+"""Token-budget scheduler: continuous batching, chunked prefill, preemption by recompute.
+
+Each step: running sequences first (oldest first), each gets `min(num_tokens - num_computed_tokens,
+budget)` tokens; then waiting sequences are admitted while budget, sequence slots and KV blocks
+last. A running sequence that needs a block when the pool is empty preempts the youngest running
+sequence (its blocks go back to the pool -- and stay in the prefix cache -- and it is recomputed
+later). The oldest request always progresses, so nothing deadlocks and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from layerserve.config import SchedulerConfig
+from layerserve.engine.kv_cache import KVCacheManager
+from layerserve.engine.request import SequenceStatus
+from layerserve.engine.sequence import RequestGroup, Sequence
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the runner executes in one step."""
+
+    scheduled: list[ScheduledSeq]
+    # (sequence that gets a new token, index into `scheduled` whose last token's logits it samples).
+    # n>1 children sample from their parent's row on the step the prompt completes.
+    samples: list[tuple[Sequence, int]]
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks, copied after the forward
+    num_preempted: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, group: RequestGroup) -> None:
+        self.waiting.append(group.seqs[0])  # children join when the prompt's KV is forked to them
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self.kv.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_table)
+            while need > self.kv.num_free_blocks and self.running[-1] is not seq:
+                self._preempt(self.running.pop())
+                preempted += 1
+            if need > self.kv.num_free_blocks:  # seq is the youngest itself
+                self._preempt(self.running.pop())
+                preempted += 1
+                break
+            seq.block_table += self.kv.allocate(need)
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+        if not preempted:
+            budget = self._admit(scheduled, budget)
+        samples, copies = self._samples_and_forks(scheduled)
+        return SchedulerOutput(scheduled, samples, copies, preempted)
+
+    def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                cached = self.kv.match_prefix(seq.token_ids, seq.block_hashes)
+                seq.block_table = cached
+                seq.num_computed_tokens = len(cached) * self.kv.block_size
+                seq.num_indexed_blocks = len(cached)
+                if seq.group.num_cached_tokens == 0 and seq.index == 0:
+                    seq.group.num_cached_tokens = seq.num_computed_tokens
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self.kv.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_table)
+            if need > self.kv.num_free_blocks:
+                self._release(seq)  # let its cached prefix be evictable while it waits
+                break
+            seq.block_table += self.kv.allocate(need)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _samples_and_forks(self, scheduled: list[ScheduledSeq]) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int]]]:
+        samples: list[tuple[Sequence, int]] = []
+        copies: list[tuple[int, int]] = []
+        for row, item in enumerate(scheduled):
+            seq = item.seq
+            if seq.num_computed_tokens + item.num_new_tokens < seq.num_tokens:
+                continue  # a prefill chunk that does not reach the end: nothing to sample yet
+            samples.append((seq, row))
+            group = seq.group
+            if seq.index == 0 and len(group.seqs) > 1 and not group.forked:
+                group.forked = True
+                for child in group.seqs[1:]:
+                    if self._fork(seq, child, seq.num_computed_tokens + item.num_new_tokens, copies):
+                        samples.append((child, row))
+        return samples, copies
+
+    def _fork(self, parent: Sequence, child: Sequence, num_computed: int, copies: list[tuple[int, int]]) -> bool:
+        """Give `child` the parent's prompt KV: full blocks shared, the partial last block copied."""
+        if child.finished:
+            return False
+        num_full = num_computed // self.kv.block_size
+        partial = num_computed % self.kv.block_size != 0
+        if partial and self.kv.num_free_blocks < 1 or len(self.running) >= self.config.max_num_seqs:
+            self.waiting.append(child)  # no room to fork now: it recomputes (mostly from the cache)
+            return False
+        self.kv.share(parent.block_table[:num_full])
+        child.block_table = list(parent.block_table[:num_full])
+        if partial:
+            (dst,) = self.kv.allocate(1)
+            copies.append((parent.block_table[num_full], dst))
+            child.block_table.append(dst)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = num_computed
+        child.num_indexed_blocks = min(parent.num_indexed_blocks, num_full)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.kv.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_indexed_blocks = 0
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence from the queues and free its blocks (kept in the cache)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes, seq.num_indexed_blocks)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED

@@ -1,0 +1,75 @@
+"""Paged attention over KV blocks.
+
+The KV pool of one layer is a flat array of slots, `(num_blocks * block_size, n_kv_heads, head_dim)`;
+slot `block_id * block_size + offset` holds one token. A sequence's block table lists its blocks in
+order, so its context is read with one index tensor built per step (`slots`).
+
+    block table [7, 2, 9]  (block_size 4)      context position p -> slot table[p // 4] * 4 + p % 4
+    positions   0 1 2 3 | 4 5 6 7 | 8 9
+    slots      28..31   |  8..11  | 36 37
+
+Plain torch ops, device-agnostic: a CUDA kernel can replace `paged_attention` behind the same metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """One sequence computing several tokens this step (a prompt chunk, or a recompute)."""
+
+    token_start: int  # first row of this chunk in the step's flattened tokens
+    num_tokens: int  # query length
+    slots: torch.Tensor  # (ctx,) slots of the whole context, cached prefix + this chunk
+    mask: torch.Tensor | None  # (1, 1, q, ctx) bool, None when the chunk is the whole context (causal)
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Everything attention needs for one step, built once per step by the runner."""
+
+    slot_mapping: torch.Tensor  # (T,) slot where each new token's K/V is written
+    decode_rows: torch.Tensor | None  # (Bd,) rows of single-token sequences; None if there are none
+    decode_rows_are_all: bool  # True when every row is a decode row (skip the gather/scatter)
+    decode_slots: torch.Tensor | None  # (Bd, Lmax) context slots, padded with 0
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, Lmax) True where a slot is real context
+    prefills: list[PrefillChunk]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store this step's K/V, each (T, n_kv, hd), into the flat caches (S, n_kv, hd)."""
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q: (T, nh, hd) -> (T, nh * hd), each token attending to its sequence's context."""
+    num_tokens, num_heads, head_dim = q.shape
+    if meta.decode_rows_are_all:
+        return _decode(q, k_cache, v_cache, meta).reshape(num_tokens, num_heads * head_dim)
+    out = q.new_empty(num_tokens, num_heads, head_dim)
+    if meta.decode_rows is not None:
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta)
+    for chunk in meta.prefills:
+        rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+        qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, nh, q, hd)
+        kc = k_cache[chunk.slots].transpose(0, 1).unsqueeze(0)  # (1, nkv, ctx, hd)
+        vc = v_cache[chunk.slots].transpose(0, 1).unsqueeze(0)
+        oc = F.scaled_dot_product_attention(
+            qc, kc, vc, attn_mask=chunk.mask, is_causal=chunk.mask is None, enable_gqa=True
+        )  # (1, nh, q, hd)
+        out[rows] = oc.squeeze(0).transpose(0, 1)
+    return out.reshape(num_tokens, num_heads * head_dim)
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Single-token queries (Bd, nh, hd) over padded contexts -> (Bd, nh, hd)."""
+    k = k_cache[meta.decode_slots].transpose(1, 2)  # (Bd, nkv, L, hd)
+    v = v_cache[meta.decode_slots].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, enable_gqa=True)
+    return o.squeeze(2)  # (Bd, nh, hd)

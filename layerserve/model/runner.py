@@ -1,0 +1,150 @@
+"""SchedulerOutput -> batch tensors -> forward -> sampled tokens.
+
+All index tensors of a step (positions, slot mapping, context slots, masks) are built here once
+and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from layerserve.engine.request import TokenLogprob
+from layerserve.engine.scheduler import SchedulerOutput
+from layerserve.engine.sequence import Sequence
+from layerserve.model.attention import AttentionMetadata, PrefillChunk
+from layerserve.model.sampler import SamplingBatch, sample
+
+
+@dataclass(slots=True)
+class ModelOutput:
+    """Per entry of SchedulerOutput.samples: the new token and, when asked, its logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def kv_bytes_per_token(model) -> int:
+    c = model.config
+    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        c = model.config
+        self.block_size = block_size
+        self.vocab_size = c.vocab_size
+        # (L, K/V, slots, n_kv, hd)
+        self.kv = torch.zeros(c.num_layers, 2, num_blocks * block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        input_ids, positions, meta, last_rows = self._prepare(out)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv)
+        for src, dst in out.copies:  # after the forward: the parent's last block is now written
+            bs = self.block_size
+            self.kv[:, :, dst * bs:(dst + 1) * bs] = self.kv[:, :, src * bs:(src + 1) * bs]
+        if not out.samples:
+            return ModelOutput([], [])
+        rows = torch.tensor([last_rows[row] for _, row in out.samples])
+        logits = self.model.logits(hidden[rows])  # (S, V)
+        seqs = [seq for seq, _ in out.samples]
+        batch = self._sampling_batch(seqs, logits.shape[-1])
+        result = sample(logits, batch)
+        token_ids = result.token_ids.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if result.logprobs is not None:
+            chosen = result.logprobs.tolist()
+            top_ids, top_lp = result.top_ids.tolist(), result.top_logprobs.tolist()
+            for i, seq in enumerate(seqs):
+                k = seq.params.logprobs
+                if k is not None:
+                    logprobs[i] = TokenLogprob(token_ids[i], chosen[i], list(zip(top_ids[i][:k], top_lp[i][:k])))
+        return ModelOutput(token_ids, logprobs)
+
+    def _prepare(self, out: SchedulerOutput):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_mapping: list[int] = []
+        last_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_ctx: list[list[int]] = []
+        prefills: list[PrefillChunk] = []
+        for item in out.scheduled:
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            row0 = len(ids)
+            ids += seq.token_ids[start:start + n]
+            pos += range(start, start + n)
+            table = seq.block_table
+            ctx_slots = [table[p // bs] * bs + p % bs for p in range(start + n)]
+            slot_mapping += ctx_slots[start:]
+            last_rows.append(row0 + n - 1)
+            if n == 1:
+                decode_rows.append(row0)
+                decode_ctx.append(ctx_slots)
+            else:
+                mask = None
+                if start > 0:  # query i sits at position start + i and sees positions <= it
+                    q_pos = torch.arange(start, start + n).unsqueeze(1)
+                    mask = (torch.arange(start + n).unsqueeze(0) <= q_pos).view(1, 1, n, start + n)
+                prefills.append(PrefillChunk(row0, n, torch.tensor(ctx_slots), mask))
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping),
+            decode_rows=torch.tensor(decode_rows) if decode_rows else None,
+            decode_rows_are_all=len(decode_rows) == len(ids),
+            decode_slots=None,
+            decode_mask=None,
+            prefills=prefills,
+        )
+        if decode_rows:
+            longest = max(len(c) for c in decode_ctx)
+            lens = torch.tensor([len(c) for c in decode_ctx])
+            meta.decode_slots = torch.tensor([c + [0] * (longest - len(c)) for c in decode_ctx])
+            meta.decode_mask = (torch.arange(longest).unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_ctx), 1, 1, longest)
+        return torch.tensor(ids), torch.tensor(pos), meta, last_rows
+
+    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
+        ps = [s.params for s in seqs]
+        n = len(seqs)
+        b = SamplingBatch(
+            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in ps]),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab for p in ps]),
+            top_p=torch.tensor([p.top_p for p in ps]),
+            min_p=torch.tensor([p.min_p for p in ps]),
+            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
+            steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
+            all_greedy=all(p.greedy for p in ps),
+            needs_filter=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps),
+        )
+        asked = [p.logprobs for p in ps if p.logprobs is not None]
+        b.max_logprobs = max(asked) if asked else None
+        if any(p.presence_penalty or p.frequency_penalty for p in ps):
+            counts = torch.zeros(n, vocab)
+            for i, s in enumerate(seqs):
+                out_ids = s.output_ids
+                if out_ids:
+                    counts[i].index_add_(0, torch.tensor(out_ids), torch.ones(len(out_ids)))
+            b.output_counts = counts
+            b.presence = torch.tensor([p.presence_penalty for p in ps])
+            b.frequency = torch.tensor([p.frequency_penalty for p in ps])
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            seen = torch.zeros(n, vocab, dtype=torch.bool)
+            for i, s in enumerate(seqs):
+                seen[i, torch.tensor(s.token_ids)] = True
+            b.seen_mask = seen
+            b.repetition = torch.tensor([p.repetition_penalty for p in ps])
+        masks = [s.logits_mask.allowed_token_ids() if s.logits_mask is not None else None for s in seqs]
+        if any(p.logit_bias for p in ps) or any(m is not None for m in masks):
+            bias = torch.zeros(n, vocab)
+            for i, (p, allowed) in enumerate(zip(ps, masks)):
+                if p.logit_bias:
+                    bias[i, torch.tensor(list(p.logit_bias))] = torch.tensor(list(p.logit_bias.values()))
+                if allowed is not None:
+                    forbid = torch.full((vocab,), float("-inf"))
+                    forbid[torch.tensor(allowed, dtype=torch.long)] = 0.0
+                    bias[i] += forbid
+            b.bias = bias
+        return b

@@ -1,0 +1,116 @@
+"""Logits + per-row parameters -> token ids (and logprobs), vectorized over the batch.
+
+Order: logit bias and grammar mask, then penalties (repetition, presence, frequency), then greedy
+argmax or temperature -> top-k -> top-p -> min-p -> an exponential race. The race's noise is a
+counter-based hash of (seed, step, token id), so a seeded sample is reproducible whatever else is
+in the batch, with no per-request generator objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 torch stores."""
+    x &= _MASK64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row sampling parameters for one step; rows follow the step's `samples` order."""
+
+    temperature: torch.Tensor  # (S,) float; rows with 0 are greedy
+    top_k: torch.Tensor  # (S,) long; V when off
+    top_p: torch.Tensor  # (S,) float
+    min_p: torch.Tensor  # (S,) float
+    seeds: torch.Tensor  # (S,) long
+    steps: torch.Tensor  # (S,) long: the row's output position, the hash counter
+    all_greedy: bool
+    needs_filter: bool  # some row uses top-k, top-p or min-p
+    # Penalties (None when no row uses them): token counts over outputs and presence over prompt+outputs.
+    output_counts: torch.Tensor | None = None  # (S, V) float
+    seen_mask: torch.Tensor | None = None  # (S, V) bool: in prompt or output (repetition penalty)
+    presence: torch.Tensor | None = None  # (S,)
+    frequency: torch.Tensor | None = None  # (S,)
+    repetition: torch.Tensor | None = None  # (S,)
+    bias: torch.Tensor | None = None  # (S, V) additive logit bias; -inf where a grammar forbids
+    max_logprobs: int | None = None  # largest top-k of logprobs asked in the batch; None: nobody asked
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # (S,) long
+    logprobs: torch.Tensor | None  # (S,) logprob of the chosen token
+    top_ids: torch.Tensor | None  # (S, K)
+    top_logprobs: torch.Tensor | None  # (S, K)
+
+
+def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(S, V) uniforms in (0, 1] from splitmix64 over (seed, step, token id)."""
+    ids = torch.arange(vocab, dtype=torch.int64)
+    z = (seeds * _MIX1 + steps * _GOLDEN).unsqueeze(1) + ids * _MIX2 + _GOLDEN
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
+    z = z ^ ((z >> 31) & ((1 << 33) - 1))
+    mantissa = (z >> 11) & ((1 << 53) - 1)
+    return (mantissa.to(torch.float64) + 1.0).mul_(1.0 / (1 << 53)).to(torch.float32)
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    if b.repetition is not None and b.seen_mask is not None:
+        rep = b.repetition.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(b.seen_mask, penalized, logits)
+    if b.output_counts is not None:
+        logits = logits - b.frequency.unsqueeze(1) * b.output_counts
+        logits = logits - b.presence.unsqueeze(1) * (b.output_counts > 0).float()
+    return logits
+
+
+def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Zero out tokens outside top-k, top-p and min-p, per row."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1]).unsqueeze(0)
+    keep = ranks < b.top_k.unsqueeze(1)
+    cum = sorted_probs.cumsum(dim=-1)
+    keep &= (cum - sorted_probs) < b.top_p.unsqueeze(1)  # keep the token that crosses top_p
+    keep &= sorted_probs >= b.min_p.unsqueeze(1) * sorted_probs[:, :1]
+    keep[:, 0] = True
+    kept = torch.zeros_like(probs).scatter_(1, order, sorted_probs * keep)
+    return kept
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+    """logits: (S, V) float32, the model's raw output."""
+    raw = logits
+    if b.bias is not None:
+        logits = logits + b.bias
+    logits = apply_penalties(logits, b)
+    greedy_ids = logits.argmax(dim=-1)
+    if b.all_greedy:
+        token_ids = greedy_ids
+    else:
+        temp = b.temperature.clamp(min=1e-5).unsqueeze(1)
+        probs = torch.softmax(logits / temp, dim=-1)
+        if b.needs_filter:
+            probs = filter_probs(probs, b)
+        noise = -torch.log(hash_uniform(b.seeds, b.steps, probs.shape[-1]))  # Exp(1)
+        sampled = (probs / noise).argmax(dim=-1)
+        token_ids = torch.where(b.temperature <= 1e-5, greedy_ids, sampled)
+    if b.max_logprobs is None:
+        return SamplerOutput(token_ids, None, None, None)
+    logprobs = torch.log_softmax(raw, dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    top_lp, top_ids = logprobs.topk(max(b.max_logprobs, 1), dim=-1)
+    return SamplerOutput(token_ids, chosen, top_ids, top_lp)

@@ -1,0 +1,115 @@
+"""KV block pool and prefix cache, without tensors or a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerserve.engine.kv_cache import KVCacheManager, extend_block_hashes
+
+BS = 4
+
+
+def fill(kv: KVCacheManager, tokens: list[int]) -> list[int]:
+    """Allocate blocks for `tokens` as a sequence would, compute them, index the full blocks."""
+    hashes: list[int] = []
+    hit = kv.match_prefix(tokens, hashes)
+    table = hit + kv.allocate(kv.blocks_needed(len(tokens)) - len(hit))
+    kv.cache_full_blocks(table, tokens, len(tokens), hashes)
+    return table
+
+
+def test_match_insert_reuse():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    tokens = list(range(10))  # 2 full blocks + 2 tokens
+    table = fill(kv, tokens)
+    assert len(table) == 3 and kv.num_cached_blocks == 2
+    kv.free(table)
+    assert kv.num_free_blocks == 8  # cached blocks count as free
+    hashes: list[int] = []
+    hit = kv.match_prefix(tokens + [99], hashes)
+    assert hit == table[:2]
+    assert kv.stats.hits == 8
+    assert all(kv.ref_count(b) == 1 for b in hit)
+    assert kv.num_free_blocks == 6
+
+
+def test_match_leaves_one_token_to_compute():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    table = fill(kv, list(range(8)))
+    kv.free(table)
+    assert len(kv.match_prefix(list(range(8)), [])) == 1  # 8 tokens, exactly 2 blocks: only 1 reused
+
+
+def test_divergent_suffix_shares_only_common_blocks():
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    a = fill(kv, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    hit = kv.match_prefix([1, 2, 3, 4, 5, 6, 0, 8, 9], [])
+    assert hit == a[:1]
+    assert kv.ref_count(a[0]) == 2  # in use by both: protected
+
+
+def test_in_use_blocks_are_never_evicted():
+    kv = KVCacheManager(num_blocks=4, block_size=BS)
+    table = fill(kv, list(range(8)))  # 2 blocks in use, indexed
+    other = kv.allocate(2)
+    assert set(other).isdisjoint(table)
+    with pytest.raises(MemoryError):
+        kv.allocate(1)
+    kv.free(other)
+    assert kv.num_cached_blocks == 2
+
+
+def test_lru_eviction_order():
+    kv = KVCacheManager(num_blocks=4, block_size=BS)
+    a = fill(kv, [1, 1, 1, 1, 0])
+    b = fill(kv, [2, 2, 2, 2, 0])
+    kv.free(a)
+    kv.free(b)  # a's cached block is older than b's
+    kv.allocate(3)  # two uncached tails + one eviction: must be a's block (least recently used)
+    assert kv.match_prefix([1, 1, 1, 1, 0], []) == []
+    assert kv.match_prefix([2, 2, 2, 2, 0], []) == b[:1]
+
+
+def test_touching_a_cached_block_refreshes_it():
+    kv = KVCacheManager(num_blocks=3, block_size=BS)
+    a = fill(kv, [1, 1, 1, 1])
+    b = fill(kv, [2, 2, 2, 2])
+    kv.free(a[:1]), kv.free(b[:1])
+    kv.free(kv.match_prefix([1, 1, 1, 1, 5], []))  # a used again: now most recent
+    kv.allocate(2)  # the free uncached block, then the LRU cached one (b)
+    assert kv.match_prefix([1, 1, 1, 1, 5], []) == a[:1]
+
+
+def test_no_prefix_caching_indexes_nothing():
+    kv = KVCacheManager(num_blocks=8, block_size=BS, enable_prefix_caching=False)
+    table = fill(kv, list(range(9)))
+    kv.free(table)
+    assert kv.num_cached_blocks == 0
+    assert kv.match_prefix(list(range(9)), []) == []
+
+
+def test_double_free_raises():
+    kv = KVCacheManager(num_blocks=2, block_size=BS)
+    blocks = kv.allocate(1)
+    kv.free(blocks)
+    with pytest.raises(RuntimeError):
+        kv.free(blocks)
+
+
+def test_hash_chain_depends_on_whole_prefix():
+    h1 = extend_block_hashes([], [1, 2, 3, 4, 5, 6, 7, 8], BS, 2)
+    h2 = extend_block_hashes([], [0, 2, 3, 4, 5, 6, 7, 8], BS, 2)
+    assert h1[1] != h2[1]  # same second block, different history
+    assert extend_block_hashes(h1[:1], [1, 2, 3, 4, 5, 6, 7, 8], BS, 2) == h1
+
+
+def test_many_requests_sharing_a_prefix_leak_nothing():
+    kv = KVCacheManager(num_blocks=64, block_size=BS)
+    system = list(range(100, 116))  # 4 shared blocks
+    tables = [fill(kv, system + [i, i + 1, i + 2]) for i in range(20)]
+    assert all(t[:4] == tables[0][:4] for t in tables)
+    assert kv.ref_count(tables[0][0]) == 20
+    for t in tables:
+        kv.free(t)
+    assert kv.num_free_blocks == 64
+    assert all(kv.ref_count(b) == 0 for b in range(64))
