@@ -13,6 +13,7 @@ import torch
 from layerserve.config import EngineConfig, ModelConfig
 from layerserve.engine.core import EngineCore
 from layerserve.model.loader import load_model_files
+from layerserve.model import llama as _llama  # noqa: F401  (registers the Llama family)
 from layerserve.model.registry import MODELS
 from layerserve.model.runner import ModelRunner, kv_bytes_per_token
 

@@ -68,7 +68,8 @@ class LLM:
             results[rid] = GenerationResult(rid, ids, [Completion(i) for i in range(params.n)])
         while self.core.has_work():
             for out in self.core.step():
-                self._collect(results[out.request_id], out)
+                if out.request_id in results:  # requests added to the core directly are not ours
+                    self._collect(results[out.request_id], out)
         return list(results.values())
 
     @staticmethod

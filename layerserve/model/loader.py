@@ -154,6 +154,9 @@ def hf_config(raw: dict) -> ModelConfig:
     if arch not in set(_HF_ARCHS.values()):
         raise ModelLoadError(f"unsupported architecture {archs or raw.get('model_type')!r}")
     n_head = raw["num_attention_heads"]
+    # transformers >= 5 folds rope_theta and rope_scaling into one `rope_parameters` dict.
+    rope = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     return ModelConfig(
         architecture=arch,
         vocab_size=raw["vocab_size"],
@@ -164,8 +167,8 @@ def hf_config(raw: dict) -> ModelConfig:
         num_kv_heads=raw.get("num_key_value_heads") or n_head,
         head_dim=raw.get("head_dim") or raw["hidden_size"] // n_head,
         rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        rope_scaling=raw.get("rope_scaling"),
+        rope_theta=raw.get("rope_theta", rope.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),

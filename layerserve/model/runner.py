@@ -36,8 +36,11 @@ class ModelRunner:
         c = model.config
         self.block_size = block_size
         self.vocab_size = c.vocab_size
-        # (L, K/V, slots, n_kv, hd)
-        self.kv = torch.zeros(c.num_layers, 2, num_blocks * block_size, c.num_kv_heads, c.head_dim, dtype=model.dtype)
+        # (L, K/V, slots + 1, n_kv, hd). Not zeroed (that would touch every page at start-up):
+        # attention only reads written slots, plus the last slot, a zeroed pad for ragged decode batches.
+        self.pad_slot = num_blocks * block_size
+        self.kv = torch.empty(c.num_layers, 2, self.pad_slot + 1, c.num_kv_heads, c.head_dim, dtype=model.dtype)
+        self.kv[:, :, self.pad_slot] = 0
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
@@ -102,7 +105,7 @@ class ModelRunner:
         if decode_rows:
             longest = max(len(c) for c in decode_ctx)
             lens = torch.tensor([len(c) for c in decode_ctx])
-            meta.decode_slots = torch.tensor([c + [0] * (longest - len(c)) for c in decode_ctx])
+            meta.decode_slots = torch.tensor([c + [self.pad_slot] * (longest - len(c)) for c in decode_ctx])
             meta.decode_mask = (torch.arange(longest).unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_ctx), 1, 1, longest)
         return torch.tensor(ids), torch.tensor(pos), meta, last_rows
 
