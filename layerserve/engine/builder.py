@@ -12,6 +12,7 @@ import torch
 
 from layerserve.config import EngineConfig, ModelConfig
 from layerserve.engine.core import EngineCore
+from layerserve.model.linear import int4_available
 from layerserve.model.loader import load_model_files
 from layerserve.model import llama as _llama  # noqa: F401  (registers the Llama family)
 from layerserve.model.registry import MODELS
@@ -19,8 +20,9 @@ from layerserve.model.runner import ModelRunner, kv_bytes_per_token
 
 log = logging.getLogger("layerserve.engine")
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+# name -> (activation/KV dtype, int4 weights for decode)
+_DTYPES = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False),
+           "float16": (torch.float16, False), "q4": (torch.bfloat16, True)}
 
 
 @dataclass(slots=True)
@@ -58,16 +60,19 @@ def build_engine(config: EngineConfig, progress: bool = True) -> tuple[EngineCor
     started = time.monotonic()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    dtype = _DTYPES.get(config.dtype)
-    if dtype is None:
+    if config.dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {config.dtype!r} (choose from {', '.join(_DTYPES)})")
+    dtype, int4 = _DTYPES[config.dtype]
+    if int4 and not int4_available():
+        log.warning("this torch build has no CPU int4 kernel; using bfloat16 weights")
+        int4 = False
     path = resolve_model_path(config.model)
     loaded = load_model_files(path, dtype=dtype, progress=progress)
     tokenizer = load_tokenizer(path)
     mc = loaded.config
     max_model_len = min(config.scheduler.max_model_len, mc.max_position_embeddings)
     model_cls = MODELS.resolve(mc.architecture)
-    model = model_cls(mc, loaded.weights, loaded.rope_freq_factors, max_positions=max_model_len)
+    model = model_cls(mc, loaded.weights, loaded.rope_freq_factors, max_positions=max_model_len, int4=int4)
     cache = config.cache
     per_block = kv_bytes_per_token(model) * cache.block_size
     num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)

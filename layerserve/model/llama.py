@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from layerserve.config import ModelConfig
+from layerserve.model.linear import Linear
 from layerserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from layerserve.model.registry import MODELS
 
@@ -54,11 +55,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LlamaModel:
     """Inference-only weights and forward pass over flattened tokens of many sequences."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], freq_factors: torch.Tensor | None = None, max_positions: int | None = None) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], freq_factors: torch.Tensor | None = None,
+                 max_positions: int | None = None, int4: bool = False) -> None:
+        """`int4`: keep the projection weights as int4 (group 32) for small batches (decode)."""
         self.config = config
         c = config
         self.embed = weights["model.embed_tokens.weight"]
-        self.lm_head = self.embed if c.tie_word_embeddings else weights["lm_head.weight"]
+        self.lm_head = Linear(self.embed if c.tie_word_embeddings else weights["lm_head.weight"])
         self.norm = weights["model.norm.weight"]
         self.layers: list[dict[str, torch.Tensor | None]] = []
         for i in range(c.num_layers):
@@ -67,16 +70,17 @@ class LlamaModel:
             bias = None
             if c.attention_bias:
                 bias = torch.cat([w("self_attn.q_proj.bias"), w("self_attn.k_proj.bias"), w("self_attn.v_proj.bias")])
+            qkv = torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")])
+            gate_up = torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")])
             self.layers.append({
                 "ln1": w("input_layernorm.weight"),
                 "ln2": w("post_attention_layernorm.weight"),
-                "qkv": torch.cat([w("self_attn.q_proj.weight"), w("self_attn.k_proj.weight"), w("self_attn.v_proj.weight")]),
-                "qkv_bias": bias,
-                "o": w("self_attn.o_proj.weight"),
+                "qkv": Linear(qkv, bias, int4=int4),
+                "o": Linear(w("self_attn.o_proj.weight"), int4=int4),
                 "q_norm": w("self_attn.q_norm.weight"),
                 "k_norm": w("self_attn.k_norm.weight"),
-                "gate_up": torch.cat([w("mlp.gate_proj.weight"), w("mlp.up_proj.weight")]),
-                "down": w("mlp.down_proj.weight"),
+                "gate_up": Linear(gate_up, int4=int4),
+                "down": Linear(w("mlp.down_proj.weight"), int4=int4),
             })
         n_pos = max_positions or c.max_position_embeddings
         freqs = torch.outer(torch.arange(n_pos, dtype=torch.float64), rope_inv_freq(c, freq_factors))
@@ -100,7 +104,7 @@ class LlamaModel:
         sin = self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (c.hidden_size,), layer["ln1"], eps)
-            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])  # (T, q + 2 kv)
+            qkv = layer["qkv"](h)  # (T, q + 2 kv)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(T, c.num_heads, c.head_dim)
             k = k.view(T, c.num_kv_heads, c.head_dim)
@@ -112,12 +116,12 @@ class LlamaModel:
             k = apply_rope(k, cos, sin)
             write_kv(kv[i, 0], kv[i, 1], k, v, meta.slot_mapping)
             attn = paged_attention(q, kv[i, 0], kv[i, 1], meta)  # (T, nh*hd)
-            x = x + F.linear(attn, layer["o"])
+            x = x + layer["o"](attn)
             h = F.rms_norm(x, (c.hidden_size,), layer["ln2"], eps)
-            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
         return F.rms_norm(x, (c.hidden_size,), self.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(S, D) -> (S, V) in float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

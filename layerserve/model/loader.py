@@ -16,6 +16,8 @@ import torch
 from tqdm import tqdm
 
 from layerserve.config import ModelConfig
+from layerserve.model.gguf_tensors import decode_tensor, tensor_nbytes
+from layerserve.text.gguf_metadata import read_gguf
 
 _GGUF_TO_HF = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -70,20 +72,16 @@ def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_config(reader, arch: str) -> ModelConfig:
+def gguf_config(metadata: dict, tensor_names: set[str]) -> ModelConfig:
     """ModelConfig from GGUF metadata `{arch}.*` keys."""
+    arch = metadata["general.architecture"]
 
     def get(key: str, default=None):
-        field = reader.fields.get(f"{arch}.{key}")
-        return default if field is None else field.contents()
+        return metadata.get(f"{arch}.{key}", default)
 
     n_embd = int(get("embedding_length"))
     n_head = int(get("attention.head_count"))
-    n_kv = get("attention.head_count_kv", n_head)
-    vocab = get("vocab_size")
-    if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    names = {t.name for t in reader.tensors}
+    vocab = get("vocab_size") or len(metadata["tokenizer.ggml.tokens"])
     return ModelConfig(
         architecture=arch,
         vocab_size=int(vocab),
@@ -91,31 +89,27 @@ def gguf_config(reader, arch: str) -> ModelConfig:
         intermediate_size=int(get("feed_forward_length")),
         num_layers=int(get("block_count")),
         num_heads=n_head,
-        num_kv_heads=int(n_kv),
+        num_kv_heads=int(get("attention.head_count_kv", n_head)),
         head_dim=int(get("attention.key_length", n_embd // n_head)),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         max_position_embeddings=int(get("context_length", 4096)),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-        qk_norm="blk.0.attn_q_norm.weight" in names,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
     )
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, progress: bool) -> LoadedModel:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
-    config = gguf_config(reader, arch)
+    metadata, infos = read_gguf(path)
+    config = gguf_config(metadata, {t.name for t in infos})
+    arch = config.architecture
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
     weights: dict[str, torch.Tensor] = {}
     freq_factors = None
-    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress):
-        array = gguf.quants.dequantize(t.data, t.tensor_type)  # (rows, cols) in HF orientation
-        array = np.asarray(array, dtype=np.float32)
-        if not array.flags.writeable or not array.flags.c_contiguous:  # memory-mapped F32 tensors
-            array = np.array(array, copy=True)
-        tensor = torch.from_numpy(array)
+    for t in tqdm(infos, desc=f"loading {path.name}", unit="tensor", disable=not progress):
+        data = raw[t.offset:t.offset + tensor_nbytes(t.ggml_type, t.shape)]
+        tensor = decode_tensor(data, t.ggml_type, t.shape)
         if t.name == "rope_freqs.weight":
             freq_factors = tensor
             continue

@@ -11,6 +11,7 @@ import mmap
 import os
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -35,12 +36,25 @@ _SCALARS: Mapping[int, tuple[str, str]] = MappingProxyType(
 _STRING, _ARRAY = 8, 9
 
 
+@dataclass(frozen=True, slots=True)
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the contiguous (innermost) dimension
+    ggml_type: int
+    offset: int  # absolute byte offset of the data in the file
+
+
 def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """All metadata of a GGUF file: key -> str | int | float | bool | list of those."""
+    return read_gguf(path, tensors=False)[0]
+
+
+def read_gguf(path: str | os.PathLike[str], tensors: bool = True) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
+    """Metadata and (optionally) the tensor directory of a GGUF file, without reading tensor data."""
     with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise ValueError(f"{os.fspath(path)} is not a GGUF file")
-        version, _num_tensors, num_kv = struct.unpack_from("<IQQ", buf, 4)
+        version, num_tensors, num_kv = struct.unpack_from("<IQQ", buf, 4)
         if version not in (2, 3):
             raise ValueError(f"unsupported GGUF version {version} (or big-endian file) in {os.fspath(path)}")
         reader = _Cursor(buf, 24)
@@ -48,7 +62,18 @@ def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         for _ in range(num_kv):
             key = reader.string()
             metadata[key] = reader.value(reader.unpack("<I"))
-        return metadata
+        if not tensors:
+            return metadata, []
+        raw = []
+        for _ in range(num_tensors):
+            name = reader.string()
+            n_dims = reader.unpack("<I")
+            shape = tuple(reader.unpack("<Q") for _ in range(n_dims))
+            ggml_type, rel = reader.unpack("<I"), reader.unpack("<Q")
+            raw.append((name, shape, ggml_type, rel))
+        align = int(metadata.get("general.alignment", 32))
+        data_start = -(-reader.offset // align) * align
+        return metadata, [GGUFTensorInfo(n, s, t, data_start + o) for n, s, t, o in raw]
 
 
 class _Cursor:

@@ -1,0 +1,42 @@
+"""Stateful inference: each turn of a conversation reuses the KV of the previous turns."""
+
+from __future__ import annotations
+
+from layerserve.engine.request import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+def test_every_turn_hits_the_cache(llm):
+    messages = [{"role": "system", "content": "You are a concise assistant. " * 20}]
+    questions = ["What is the capital of France?", "And of Italy?", "Which one is bigger?", "Thanks. Any river there?"]
+    previous = 0  # tokens of the last turn's prompt + reply
+    for k, q in enumerate(questions):
+        messages.append({"role": "user", "content": q})
+        ids = llm.encode_chat(messages)
+        r = llm.generate([ids], GREEDY)[0]
+        if k > 0:
+            # The re-rendered history extends the last turn's tokens: all its full blocks hit.
+            assert ids[:previous - 1] == last_tokens[:previous - 1]
+            assert r.cached_tokens >= (previous - 1) // 16 * 16
+        reply = r.outputs[0]
+        last_tokens = ids + reply.token_ids
+        previous = len(last_tokens)
+        messages.append({"role": "assistant", "content": reply.text})
+
+
+def test_cached_and_cold_runs_agree_over_turns(chat_ids):
+    from layerserve.engine.llm import LLM
+
+    cold = LLM(num_blocks=256, max_model_len=1024, enable_prefix_caching=False, progress=False)
+    warm = LLM(num_blocks=256, max_model_len=1024, progress=False)
+    history = list(chat_ids)
+    for turn in range(3):
+        a = cold.generate([history], GREEDY)[0]
+        b = warm.generate([history], GREEDY)[0]
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.cached_tokens == 0 and (turn == 0 or b.cached_tokens > 0)
+        history += b.outputs[0].token_ids + warm.tokenizer.encode(f"\n<|im_start|>user\nMore {turn}<|im_end|>\n<|im_start|>assistant\n")
+    params = SamplingParams(max_tokens=16, temperature=0.8, n=3, seed=5)
+    assert [o.token_ids for o in cold.generate([history], params)[0].outputs] == \
+           [o.token_ids for o in warm.generate([history], params)[0].outputs]
