@@ -54,12 +54,15 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """The HTTP layer's settings (`layerserve serve` flags)."""
+
     host: str = "127.0.0.1"
     port: int = 8080
-    api_key: str | None = None
-    served_model_name: str = "SmolLM2-135M-Instruct"
-    max_body_bytes: int = 16 << 20
-    max_n: int = 16
-    max_messages: int = 2048
-    max_tools: int = 128
+    api_key: str | None = None  # required on /v1/* and the tokenizer routes when set
+    served_model_name: str = "SmolLM2-135M-Instruct"  # the `model` in responses; requests may name any
+    max_body_bytes: int = 16 << 20  # larger request bodies get 413
+    max_n: int = 16  # most choices per request (also capped by the scheduler's max_num_seqs)
+    max_messages: int = 2048  # messages in one chat request
+    max_tools: int = 128  # tools in one chat request
+    max_prompts: int = 256  # prompts in one legacy /v1/completions request
     log_level: str = "info"

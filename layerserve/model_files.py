@@ -36,3 +36,13 @@ def default_model_path() -> pathlib.Path:
         f"{DEFAULT_MODEL_FILENAME} is missing from the installed {DEFAULT_MODEL_DISTRIBUTION!r} package; "
         f"{_INSTALL_HINT}"
     )
+
+
+def resolve_model_path(model: str | None) -> pathlib.Path:
+    """A model argument (a path, or a name of the default model) -> an existing path."""
+    if not model or model in ("default", "smollm2", "SmolLM2-135M-Instruct"):
+        return default_model_path()
+    path = pathlib.Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model {model!r} is neither a known name nor an existing path")
+    return path

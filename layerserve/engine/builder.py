@@ -12,6 +12,7 @@ import torch
 
 from layerserve.config import EngineConfig, ModelConfig
 from layerserve.engine.core import EngineCore
+from layerserve.model_files import resolve_model_path
 from layerserve.model.linear import int4_available
 from layerserve.model.loader import load_model_files
 from layerserve.model import llama as _llama  # noqa: F401  (registers the Llama family)
@@ -37,17 +38,6 @@ class EngineInfo:
     kv_cache_bytes: int
     max_model_len: int
     load_seconds: float
-
-
-def resolve_model_path(model: str | None) -> Path:
-    from layerserve.model_files import default_model_path
-
-    if not model or model in ("default", "smollm2", "SmolLM2-135M-Instruct"):
-        return default_model_path()
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model {model!r} is neither a known name nor an existing path")
-    return path
 
 
 def load_tokenizer(path: Path):

@@ -63,8 +63,8 @@ class EngineCore:
         if len(prompt_ids) + max_tokens > self.max_model_len or len(prompt_ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the messages, {max_tokens} in the "
-                f"completion). Please reduce the length of the messages or completion.",
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} in the "
+                f"completion). Please reduce the length of the prompt or of the completion (max_tokens).",
                 code="context_length_exceeded",
                 param="messages",
             )
@@ -74,7 +74,8 @@ class EngineCore:
         if request_id in self.groups:
             raise InvalidRequest(f"duplicate request id {request_id}")
         group = RequestGroup(request_id, list(prompt_ids), params, time.monotonic())
-        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        # Any int64 seed is accepted; the sampler's hash works on 62 bits.
+        base_seed = (params.seed if params.seed is not None else self._rng.getrandbits(62)) & ((1 << 62) - 1)
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), group, index, list(prompt_ids), len(prompt_ids), base_seed + index)
             self.outputs.init_sequence(seq)

@@ -53,8 +53,8 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[GenerationResult]:
         params = params or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict))):
+            prompts = [prompts]  # one prompt: text, token ids or a conversation
         results: dict[str, GenerationResult] = {}
         for prompt in prompts:
             if isinstance(prompt, str):

@@ -68,46 +68,57 @@ class ModelRunner:
         return ModelOutput(token_ids, logprobs)
 
     def _prepare(self, out: SchedulerOutput):
+        """Flatten the step's tokens and build every index tensor attention needs, vectorized."""
         bs = self.block_size
         ids: list[int] = []
-        pos: list[int] = []
-        slot_mapping: list[int] = []
-        last_rows: list[int] = []
-        decode_rows: list[int] = []
-        decode_ctx: list[list[int]] = []
-        prefills: list[PrefillChunk] = []
+        starts: list[int] = []  # first position computed per sequence
+        counts: list[int] = []  # tokens computed per sequence
         for item in out.scheduled:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            row0 = len(ids)
             ids += seq.token_ids[start:start + n]
-            pos += range(start, start + n)
-            table = seq.block_table
-            ctx_slots = [table[p // bs] * bs + p % bs for p in range(start + n)]
-            slot_mapping += ctx_slots[start:]
-            last_rows.append(row0 + n - 1)
-            if n == 1:
-                decode_rows.append(row0)
-                decode_ctx.append(ctx_slots)
-            else:
-                mask = None
-                if start > 0:  # query i sits at position start + i and sees positions <= it
-                    q_pos = torch.arange(start, start + n).unsqueeze(1)
-                    mask = (torch.arange(start + n).unsqueeze(0) <= q_pos).view(1, 1, n, start + n)
-                prefills.append(PrefillChunk(row0, n, torch.tensor(ctx_slots), mask))
+            starts.append(start)
+            counts.append(n)
+        num_seqs = len(counts)
+        widest = max(len(item.seq.block_table) for item in out.scheduled)
+        pad_block = self.pad_slot // bs  # never dereferenced for a real position
+        tables = torch.tensor([item.seq.block_table + [pad_block] * (widest - len(item.seq.block_table))
+                               for item in out.scheduled])  # (S, widest)
+        # (S, widest * bs): slot of every context position of every sequence
+        ctx_slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).view(num_seqs, widest * bs)
+        counts_t = torch.tensor(counts)
+        starts_t = torch.tensor(starts)
+        seq_of_row = torch.repeat_interleave(torch.arange(num_seqs), counts_t)  # (T,)
+        row_base = torch.repeat_interleave(torch.cumsum(counts_t, 0) - counts_t, counts_t)
+        positions = torch.repeat_interleave(starts_t, counts_t) + torch.arange(len(ids)) - row_base
+        slot_mapping = ctx_slots[seq_of_row, positions]
+        ctx_lens = starts_t + counts_t
+        row0 = (torch.cumsum(counts_t, 0) - counts_t).tolist()
+        last_rows = [r + n - 1 for r, n in zip(row0, counts)]
+        decode = [i for i, n in enumerate(counts) if n == 1]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping),
-            decode_rows=torch.tensor(decode_rows) if decode_rows else None,
-            decode_rows_are_all=len(decode_rows) == len(ids),
+            slot_mapping=slot_mapping,
+            decode_rows=None,
+            decode_rows_are_all=len(decode) == num_seqs,
             decode_slots=None,
             decode_mask=None,
-            prefills=prefills,
+            prefills=[],
         )
-        if decode_rows:
-            longest = max(len(c) for c in decode_ctx)
-            lens = torch.tensor([len(c) for c in decode_ctx])
-            meta.decode_slots = torch.tensor([c + [self.pad_slot] * (longest - len(c)) for c in decode_ctx])
-            meta.decode_mask = (torch.arange(longest).unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_ctx), 1, 1, longest)
-        return torch.tensor(ids), torch.tensor(pos), meta, last_rows
+        if decode:
+            d = torch.tensor(decode)
+            longest = int(ctx_lens[d].max())
+            valid = torch.arange(longest).unsqueeze(0) < ctx_lens[d].unsqueeze(1)  # (Bd, L)
+            meta.decode_slots = torch.where(valid, ctx_slots[d, :longest], self.pad_slot)
+            meta.decode_mask = valid.view(len(decode), 1, 1, longest)
+            meta.decode_rows = torch.tensor([row0[i] for i in decode])
+        for i, n in enumerate(counts):
+            if n == 1:
+                continue
+            start, ctx = starts[i], starts[i] + n
+            mask = None
+            if start > 0:  # query j sits at position start + j and sees positions <= it
+                mask = (torch.arange(ctx).unsqueeze(0) <= torch.arange(start, ctx).unsqueeze(1)).view(1, 1, n, ctx)
+            meta.prefills.append(PrefillChunk(row0[i], n, ctx_slots[i, :ctx], mask))
+        return torch.tensor(ids), positions, meta, last_rows
 
     def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
         ps = [s.params for s in seqs]

@@ -1,0 +1,64 @@
+"""`build_app(engine_config, server_config)`: the FastAPI app, with no module-level state.
+
+The model loads in a worker thread after the server starts listening, so `/health` answers 503
+while loading and 200 after; every route that needs the model answers 503 until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from layerserve.api import chat, completions, info, tokenize
+from layerserve.api.auth import ApiKeyCheck
+from layerserve.api.errors import install_error_handlers
+from layerserve.api.limits import BodySizeLimit
+from layerserve.api.state import EngineLoader, ServerState
+from layerserve.config import EngineConfig, ServerConfig
+
+
+def _default_loader(config: EngineConfig):
+    from layerserve.engine.builder import build_engine
+
+    return build_engine(config, progress=False)
+
+
+def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
+              loader: EngineLoader = _default_loader) -> FastAPI:
+    """The OpenAI-compatible app. `loader` builds (EngineCore, EngineInfo) from the engine config;
+    tests may pass another."""
+    state = ServerState(server_config, engine_config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(state.load(loader))
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()  # the worker thread finishes on its own; nothing waits for it
+            await state.close()
+
+    app = FastAPI(title="layerserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=server_config.max_body_bytes)
+
+    protected = [Depends(ApiKeyCheck(server_config.api_key))]
+    routes = [
+        ("/v1/chat/completions", chat.create_chat_completion, "POST"),
+        ("/v1/completions", completions.create_completion, "POST"),
+        ("/v1/models", info.list_models, "GET"),
+        ("/v1/models/{model_id:path}", info.retrieve_model, "GET"),
+        ("/tokenize", tokenize.tokenize, "POST"),
+        ("/detokenize", tokenize.detokenize, "POST"),
+    ]
+    for path, endpoint, method in routes:
+        app.add_api_route(path, endpoint, methods=[method], dependencies=protected)
+    for path in ("/health", "/v1/health"):
+        app.add_api_route(path, info.health, methods=["GET"])
+    app.add_api_route("/metrics", info.metrics_endpoint(state), methods=["GET"])
+    return app

@@ -1,0 +1,116 @@
+"""The client's side of a request: SSE framing, and noticing at once when the client goes away.
+
+Both paths watch the ASGI `receive` channel for `http.disconnect` while the engine works, and
+cancel the work when it comes. Cancelling the consumer of an engine iterator aborts that engine
+request (its KV blocks are freed at the next step), so a closed tab costs nothing further.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from layerserve.api.errors import describe
+
+log = logging.getLogger("layerserve.api")
+
+T = TypeVar("T")
+
+DONE = "data: [DONE]\n\n"
+STATUS_CLIENT_CLOSED = 499  # nginx's "client closed request"; nobody is left to read it
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+def sse_event(payload: Any) -> str:
+    """One `data:` event carrying `payload` as compact JSON."""
+    return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def error_event(exc: BaseException) -> str:
+    """An error met after the stream started, reported in-band as OpenAI does (the SDKs raise it)."""
+    kind, body = describe(exc)
+    if kind.status >= 500:
+        log.error("stream failed", exc_info=exc)
+    return sse_event(body)
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _settle(*tasks: asyncio.Future) -> None:
+    """Cancel `tasks` and wait until they have run their cleanup."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (then ClientDisconnected).
+    Call only after the request body has been read."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        await _settle(task, watcher)
+        raise
+    if task.done():
+        await _settle(watcher)
+        return task.result()
+    await _settle(task)
+    raise ClientDisconnected()
+
+
+class EventStreamResponse(Response):
+    """A text/event-stream response that stops producing the moment the client disconnects.
+
+    `events` yields ready-framed SSE text. `on_close` runs exactly once when the response ends
+    for any reason (finished, disconnected, failed): the place to abort unfinished engine work,
+    even if `events` never started (an unstarted generator's `finally` never runs).
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> None:
+        self.events = events
+        self.on_close = on_close
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        producer = asyncio.ensure_future(self._produce(send))
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _settle(producer, watcher)
+            try:
+                await self.events.aclose()  # type: ignore[attr-defined]
+            finally:
+                if self.on_close is not None:
+                    self.on_close()
+        if producer.done() and not producer.cancelled() and producer.exception() is not None:
+            log.error("event stream failed", exc_info=producer.exception())
+
+    async def _produce(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for text in self.events:
+                await send({"type": "http.response.body", "body": text.encode("utf-8"), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # ASGI 2.4 servers report a gone client this way
+            pass

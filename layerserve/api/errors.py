@@ -1,0 +1,230 @@
+"""Every error the server returns, in OpenAI's envelope, from one mapping table.
+
+`{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}` with OpenAI's status codes.
+Handlers raise typed exceptions; `install_error_handlers` turns each into a response by looking
+its class up in ERROR_TABLE (most specific class first), so no handler builds an error by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from layerserve.engine.async_engine import EngineDeadError
+from layerserve.engine.core import InvalidRequest
+from layerserve.text.chat_template import TemplateError
+
+log = logging.getLogger("layerserve.api")
+
+
+class APIError(Exception):
+    """Base of the errors handlers raise; the table gives status and type, `code` may refine it."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequestError(APIError):
+    """The request is malformed or asks for something out of range (400)."""
+
+
+class NotSupportedError(InvalidRequestError):
+    """A valid OpenAI field this server does not implement; rejected rather than ignored (400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param, "unsupported_parameter")
+
+
+class AuthenticationError(APIError):
+    """Missing or wrong API key (401)."""
+
+
+class NotFoundError(APIError):
+    """Unknown route or unknown model id (404)."""
+
+
+class BodyTooLargeError(APIError):
+    """The request body is over the configured limit (413)."""
+
+
+class ModelNotReadyError(APIError):
+    """The model is still loading, or failed to load (503)."""
+
+
+class EngineRequestError(APIError):
+    """The engine failed while running the request (500)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    status: int
+    type: str
+    code: str | None = None
+
+
+INVALID = "invalid_request_error"
+
+# Exception class -> what the client sees. Looked up along the exception's MRO.
+ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
+    InvalidRequestError: ErrorKind(400, INVALID),
+    InvalidRequest: ErrorKind(400, INVALID),  # the engine's own validation (context length, token ids)
+    TemplateError: ErrorKind(400, INVALID, "invalid_messages"),
+    RequestValidationError: ErrorKind(400, INVALID),
+    pydantic.ValidationError: ErrorKind(400, INVALID),
+    AuthenticationError: ErrorKind(401, INVALID, "invalid_api_key"),
+    NotFoundError: ErrorKind(404, INVALID),
+    BodyTooLargeError: ErrorKind(413, INVALID, "request_too_large"),
+    ModelNotReadyError: ErrorKind(503, "server_error", "model_not_ready"),
+    EngineDeadError: ErrorKind(503, "server_error", "engine_unavailable"),
+    EngineRequestError: ErrorKind(500, "server_error", "engine_error"),
+    Exception: ErrorKind(500, "server_error"),
+}
+
+# Errors Starlette raises itself (routing), by status.
+STATUS_TABLE: dict[int, ErrorKind] = {
+    404: ErrorKind(404, INVALID, "unknown_url"),
+    405: ErrorKind(405, INVALID, "method_not_allowed"),
+    413: ErrorKind(413, INVALID, "request_too_large"),
+}
+
+
+def error_body(message: str, kind: ErrorKind, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind.type, "param": param, "code": code or kind.code}}
+
+
+def kind_of(exc: BaseException) -> ErrorKind:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return ERROR_TABLE[Exception]
+
+
+def describe(exc: BaseException) -> tuple[ErrorKind, dict[str, Any]]:
+    """The status/type of `exc` and its envelope."""
+    kind = kind_of(exc)
+    if isinstance(exc, (pydantic.ValidationError, RequestValidationError)):
+        message, param = validation_message(exc.errors())
+        return kind, error_body(message, kind, param)
+    if isinstance(exc, (APIError, InvalidRequest)):
+        return kind, error_body(str(exc), kind, exc.param, exc.code)
+    if isinstance(exc, (TemplateError, EngineDeadError)):
+        return kind, error_body(str(exc), kind)
+    return kind, error_body("The server had an error while processing your request.", kind)
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    kind, body = describe(exc)
+    if kind.status >= 500 and not isinstance(exc, (ModelNotReadyError, EngineDeadError)):
+        log.error("internal error", exc_info=exc)
+    return JSONResponse(body, status_code=kind.status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = STATUS_TABLE.get(exc.status_code, ErrorKind(exc.status_code, INVALID))
+        if exc.status_code == 404:
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed for {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(error_body(message, kind), status_code=kind.status, headers=exc.headers)
+
+    app.add_exception_handler(StarletteHTTPException, handle_http)
+    for cls in ERROR_TABLE:
+        if cls is not Exception:  # Starlette re-raises what its `Exception` handler served: see below
+            app.add_exception_handler(cls, handle)
+    app.add_middleware(UnhandledErrors)
+
+
+class UnhandledErrors:
+    """Answers any unexpected exception with the 500 envelope and keeps the connection usable
+    (Starlette's own last-resort handler re-raises, and the server then drops the connection)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # half a response is out: let the server end the connection
+                raise
+            await error_response(exc)(scope, receive, send)
+
+
+# ---- validation errors -> one clear sentence --------------------------------------------------
+_TYPE_LABEL = re.compile(r"^[a-z-]+\[.*\]$|^(str|int|float|bool|none|dict|list)$")
+_MISSING = object()
+
+
+def _param(loc: tuple[Any, ...], data: Any = _MISSING) -> str:
+    """Dotted path of a pydantic location, without pydantic's union-branch labels ("str",
+    "list[...]", the tag of a discriminated union). With the request `data`, the path follows the
+    keys that really exist in it, which tells a field from a branch label exactly."""
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if item == "body" and i == 0:
+            continue  # FastAPI's prefix
+        last = i == len(loc) - 1
+        if isinstance(item, int):
+            if isinstance(data, list) and 0 <= item < len(data):
+                data = data[item]
+            parts.append(f"[{item}]")
+        elif data is _MISSING:
+            if not _TYPE_LABEL.match(item):
+                parts.append(("." if parts else "") + item)
+        elif not last and loc[i + 1] == item:
+            pass  # a discriminated union's tag that equals its field name ("function", "function")
+        elif isinstance(data, dict) and item in data:
+            data = data[item]
+            parts.append(("." if parts else "") + item)
+        elif last and not _TYPE_LABEL.match(item):
+            parts.append(("." if parts else "") + item)
+    return "".join(parts)
+
+
+def validation_message(errors: list[dict[str, Any]], data: Any = _MISSING) -> tuple[str, str | None]:
+    """Message and `param` for the first failing field. Where a union's branches all failed, the
+    deepest location is the branch the client meant; branches failing at one spot are joined."""
+    if not errors:
+        return "Invalid request.", None
+    top = errors[0]["loc"][:1]
+    params = [_param(tuple(e["loc"]), data) for e in errors if e["loc"][:1] == top]
+    param = max(params, key=lambda p: p.count(".") + p.count("["))
+    same = [e for e in errors if _param(tuple(e["loc"]), data) == param]
+    first = same[0]
+    if first["type"] == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    if first["type"] == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if first["type"] in ("json_invalid", "json_type"):
+        return "We could not parse the JSON body of your request. Send a JSON object.", None
+    messages = list(dict.fromkeys(e["msg"] for e in same))
+    where = f" for '{param}'" if param else ""
+    return f"Invalid value{where}: {'; or '.join(messages)}.", param or None

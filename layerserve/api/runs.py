@@ -1,0 +1,154 @@
+"""Engine requests as the HTTP layer drives them: start, iterate, collect, abort on close.
+
+A `Run` owns one engine request. Whatever ends the HTTP exchange (done, client gone, error),
+`close()` aborts the engine request unless it already finished — including when its output
+iterator was never started, which the engine's own iterator cannot notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from layerserve.api.errors import EngineRequestError
+from layerserve.engine.async_engine import AsyncEngine
+from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+
+FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+
+
+class Run:
+    def __init__(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.finished = False
+        self._outputs = engine.add_request(request_id, prompt_ids, params)  # may raise InvalidRequest
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in self._outputs:
+                if out.error is not None:
+                    self.finished = True
+                    raise EngineRequestError(f"The engine failed while generating: {out.error}")
+                self.finished = out.finished
+                yield out
+        finally:
+            await self._outputs.aclose()
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
+def close_all(runs: list[Run]) -> None:
+    for run in runs:
+        run.close()
+
+
+def start_runs(engine: AsyncEngine, base_id: str, prompts: list[list[int]], params: SamplingParams) -> list[Run]:
+    """One Run per prompt; if a later prompt is rejected, the earlier ones are aborted."""
+    runs: list[Run] = []
+    try:
+        for i, prompt_ids in enumerate(prompts):
+            runs.append(Run(engine, base_id if len(prompts) == 1 else f"{base_id}-{i}", prompt_ids, params))
+    except BaseException:
+        close_all(runs)
+        raise
+    return runs
+
+
+async def merged(runs: list[Run]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(run index, output) from several runs as they arrive."""
+    if len(runs) == 1:
+        async for out in runs[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, run: Run) -> None:
+        try:
+            async for out in run:
+                queue.put_nowait((index, out))
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        remaining = len(runs)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(slots=True)
+class Choice:
+    """A finished choice, accumulated from its deltas."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.prompt_tokens += out.prompt_tokens
+        self.completion_tokens += out.completion_tokens
+        self.cached_tokens += out.cached_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
+
+
+def finish_reason(reason: FinishReason) -> str:
+    """OpenAI's finish_reason; an aborted or failed choice is an error, never a silent 'stop'."""
+    name = FINISH_REASONS.get(reason)
+    if name is None:
+        raise EngineRequestError(f"The request ended unexpectedly ({reason.value}).")
+    return name
+
+
+async def collect(runs: list[Run], n: int) -> tuple[list[Choice], Usage]:
+    """Run to completion; choices are ordered prompt-major (prompt i, sample j -> i * n + j)."""
+    choices = [Choice() for _ in range(len(runs) * n)]
+    last: dict[int, RequestOutput] = {}
+    async for index, out in merged(runs):
+        last[index] = out
+        for delta in out.deltas:
+            choice = choices[index * n + delta.index]
+            choice.text += delta.text
+            choice.token_ids += delta.token_ids
+            if delta.logprobs:
+                choice.logprobs += delta.logprobs
+            if delta.finish_reason is not None:
+                choice.finish_reason = finish_reason(delta.finish_reason)
+    usage = Usage()
+    for out in last.values():
+        usage.add(out)
+    return choices, usage

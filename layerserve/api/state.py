@@ -1,0 +1,124 @@
+"""What the app holds (on `app.state.server`): config, and once loaded, the engine and its helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from layerserve.api.errors import InvalidRequestError, ModelNotReadyError
+from layerserve.api.logprobs import TokenText
+from layerserve.config import EngineConfig, ServerConfig
+from layerserve.engine.async_engine import AsyncEngine
+from layerserve.engine.builder import EngineInfo
+from layerserve.text.chat_template import ChatTemplate
+
+log = logging.getLogger("layerserve.api")
+
+# Used when a model ships no chat template: plain ChatML.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+EngineLoader = Callable[[EngineConfig], tuple]  # EngineConfig -> (EngineCore, EngineInfo)
+
+# Texts longer than this are tokenized in a worker thread, so other requests keep streaming.
+LARGE_TEXT_CHARS = 32 << 10
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything that exists once the model is loaded."""
+
+    engine: AsyncEngine
+    info: EngineInfo
+    template: ChatTemplate
+    token_text: TokenText
+    fingerprint: str  # system_fingerprint: changes when the weights or dtype change
+    max_token_bytes: int  # the longest token's length in bytes
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def encode(self, text: str, *, add_special_tokens: bool, param: str | None = None) -> list[int]:
+        """Token ids of `text`. With `param`, a text that cannot fit the context is refused before
+        it is tokenized: a token covers at most `max_token_bytes` bytes (so at least as many chars),
+        so the text needs at least len(text) // max_token_bytes tokens."""
+        limit = self.engine.max_model_len
+        if param is not None and len(text) // self.max_token_bytes >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens. However, the {param} of your request "
+                f"take at least {len(text) // self.max_token_bytes} tokens. Please shorten them.", param,
+                "context_length_exceeded")
+        if len(text) < LARGE_TEXT_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+
+@dataclass(slots=True)
+class ServerState:
+    config: ServerConfig
+    engine_config: EngineConfig
+    created: int = field(default_factory=lambda: int(time.time()))
+    runtime: Runtime | None = None
+    load_error: str | None = None
+
+    def ready(self) -> Runtime:
+        """The runtime, or ModelNotReadyError (503) while loading or after a failed load."""
+        if self.runtime is not None:
+            if not self.runtime.engine.running:
+                raise ModelNotReadyError("The engine has stopped; see the server log.")
+            return self.runtime
+        if self.load_error is not None:
+            raise ModelNotReadyError(f"The model failed to load: {self.load_error}")
+        raise ModelNotReadyError("The model is still loading; retry shortly.")
+
+    @property
+    def max_n(self) -> int:
+        return min(self.config.max_n, self.engine_config.scheduler.max_num_seqs)
+
+    async def load(self, loader: EngineLoader) -> None:
+        """Build the engine in a worker thread (the event loop keeps answering /health with 503)."""
+        try:
+            core, info, max_token_bytes = await asyncio.to_thread(self._build, loader)
+            tokenizer = core.tokenizer
+            source = tokenizer.chat_template
+            if not source:
+                log.warning("the model has no chat template; using ChatML")
+                source = CHATML_TEMPLATE
+            template = ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token)
+            engine = AsyncEngine(core)
+            engine.start()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("loading the model failed")
+            return
+        digest = hashlib.sha256(f"{info.model_path}|{info.dtype}|{info.model_config}".encode()).hexdigest()
+        self.runtime = Runtime(engine, info, template, TokenText(tokenizer), f"fp_{digest[:10]}", max_token_bytes)
+        log.info("model loaded in %.1fs: %s (%s, max_model_len %d, %d KV blocks)", info.load_seconds,
+                 info.model_path, info.dtype, info.max_model_len, info.num_blocks)
+
+    def _build(self, loader: EngineLoader) -> tuple:
+        core, info = loader(self.engine_config)
+        tokenizer = core.tokenizer
+        max_token_bytes = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+        return core, info, max(max_token_bytes, 1)
+
+    async def close(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.engine.stop()
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.server.ready()

@@ -1,0 +1,137 @@
+"""`layerserve serve [MODEL] ...`: the OpenAI-compatible server on the default (or a given) model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+_DEFAULT_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
+# Defaults come from instances: a slots dataclass has no class-level default values.
+_SERVER, _SCHEDULER, _ENGINE = ServerConfig(), SchedulerConfig(), EngineConfig(model="default")
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '512MiB', '16MB', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1GiB, 512MiB, 16MB, 1048576)")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
+    return value
+
+
+def default_served_name(model: str | None) -> str:
+    if not model or model in _DEFAULT_NAMES:
+        return "SmolLM2-135M-Instruct"
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except empty ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerserve", description="OpenAI-compatible LLM inference server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="serve a model over the OpenAI API",
+        description="Serve MODEL over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models, ...). "
+                    "Point any OpenAI SDK at http://HOST:PORT/v1.",
+        formatter_class=_HelpFormatter)
+    serve.add_argument("model", nargs="?", default="default",
+                       help="a GGUF file, a Hugging Face model directory, or 'default' (SmolLM2-135M-Instruct)")
+    serve.add_argument("--host", default=_SERVER.host, help="address to listen on (0.0.0.0 for all interfaces)")
+    serve.add_argument("--port", type=int, default=_SERVER.port, help="TCP port to listen on")
+    serve.add_argument("--api-key", default=None,
+                       help="require this key on /v1/* and the tokenizer routes (Authorization: Bearer KEY or "
+                            "x-api-key: KEY); default: $LAYERSERVE_API_KEY; unset: any key is accepted")
+    serve.add_argument("--served-model-name", default=None,
+                       help="model id reported in responses and /v1/models (default: from MODEL); requests may "
+                            "name any model")
+    serve.add_argument("--max-model-len", type=_positive_int, default=_SCHEDULER.max_model_len,
+                       help="longest prompt + completion in tokens (capped by the model and the KV cache size)")
+    serve.add_argument("--kv-cache-memory", type=parse_size, default="1GiB",
+                       help="memory for the paged KV cache, e.g. 1GiB or 512MiB")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=_SCHEDULER.max_num_seqs,
+                       help="most sequences generated at once (continuous batching width)")
+    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=_SCHEDULER.max_num_batched_tokens,
+                       help="token budget of one engine step (prefill chunks + decodes)")
+    serve.add_argument("--dtype", default=_ENGINE.dtype, choices=["float32", "bfloat16", "float16", "q4"],
+                       help="float32: exact parity with transformers; bfloat16; q4: int4 weights for decode, "
+                            "bf16 activations and KV (fastest on CPU)")
+    serve.add_argument("--no-prefix-cache", action="store_true",
+                       help="disable reuse of cached KV for shared prompt prefixes (earlier turns)")
+    serve.add_argument("--max-body-bytes", type=parse_size, default=_SERVER.max_body_bytes,
+                       help="reject request bodies larger than this with 413, e.g. 16MiB")
+    serve.add_argument("--log-level", default=_SERVER.log_level,
+                       choices=["critical", "error", "warning", "info", "debug"], help="logging verbosity")
+    return parser
+
+
+def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    engine = EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        cache=CacheConfig(kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_cache),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_model_len=args.max_model_len),
+    )
+    server = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LAYERSERVE_API_KEY") or None,
+        served_model_name=args.served_model_name or default_served_name(args.model),
+        max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+    )
+    return engine, server
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from layerserve.api.app import build_app
+    from layerserve.model_files import resolve_model_path
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        resolve_model_path(args.model)  # fail now, not after the server is up
+    except (FileNotFoundError, ImportError) as exc:
+        print(f"layerserve: {exc}", file=sys.stderr)
+        return 2
+    engine_config, server_config = configs(args)
+    app = build_app(engine_config, server_config)
+    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

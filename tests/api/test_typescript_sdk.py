@@ -1,0 +1,35 @@
+"""The official OpenAI TypeScript SDK under node, against the real server (tests/ts/sdk_check.mjs).
+
+Installs tests/ts's dependencies with `npm install` when node_modules is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+TS_DIR = pathlib.Path(__file__).resolve().parents[1] / "ts"
+
+
+@pytest.fixture(scope="module")
+def node_sdk() -> str:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are needed for the TypeScript SDK test")
+    if not (TS_DIR / "node_modules" / "openai").is_dir():
+        result = subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=TS_DIR, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, f"npm install failed:\n{result.stdout}\n{result.stderr}"
+    return node
+
+
+def test_typescript_sdk(server, node_sdk):
+    result = subprocess.run([node_sdk, "sdk_check.mjs"], cwd=TS_DIR, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "BASE_URL": server.v1})
+    assert result.returncode == 0, f"node failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["streamedChars"] > 0
