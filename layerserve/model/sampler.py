@@ -12,18 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK64 = (1 << 64) - 1
+def _i32(x: int) -> int:
+    """An unsigned 32-bit constant as the signed int32 torch stores."""
+    return x - (1 << 32) if x >= 1 << 31 else x
 
 
-def _i64(x: int) -> int:
-    """An unsigned 64-bit constant as the signed int64 torch stores."""
-    x &= _MASK64
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_GOLDEN = _i64(0x9E3779B97F4A7C15)
-_MIX1 = _i64(0xBF58476D1CE4E5B9)
-_MIX2 = _i64(0x94D049BB133111EB)
+_GOLDEN32 = _i32(0x9E3779B1)
+_FMIX1 = _i32(0x85EBCA6B)
+_FMIX2 = _i32(0xC2B2AE35)
 
 
 @dataclass(slots=True)
@@ -57,14 +53,18 @@ class SamplerOutput:
 
 
 def hash_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(S, V) uniforms in (0, 1] from splitmix64 over (seed, step, token id)."""
-    ids = torch.arange(vocab, dtype=torch.int64)
-    z = (seeds * _MIX1 + steps * _GOLDEN).unsqueeze(1) + ids * _MIX2 + _GOLDEN
-    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
-    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
-    z = z ^ ((z >> 31) & ((1 << 33) - 1))
-    mantissa = (z >> 11) & ((1 << 53) - 1)
-    return (mantissa.to(torch.float64) + 1.0).mul_(1.0 / (1 << 53)).to(torch.float32)
+    """(S, V) uniforms in (0, 1] from murmur3's 32-bit finalizer over (seed, step, token id).
+
+    int32 arithmetic (wrapping multiplies; shifts masked to be logical) is 3x cheaper than a
+    64-bit hash over a 49k vocabulary, and 24 bits of uniform are plenty for sampling.
+    """
+    key = ((seeds * 0x2545F491 + steps * 0x9E3779B9) & 0xFFFFFFFF)
+    key = torch.where(key >= 1 << 31, key - (1 << 32), key).to(torch.int32)  # (S,)
+    h = key.unsqueeze(1) ^ (torch.arange(vocab, dtype=torch.int32) * _GOLDEN32)
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _FMIX1
+    h = (h ^ ((h >> 13) & 0x7FFFF)) * _FMIX2
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return (((h >> 8) & 0xFFFFFF).to(torch.float32) + 1.0) * (1.0 / (1 << 24))
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -91,6 +91,13 @@ def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return kept
 
 
+def _rows(b: SamplingBatch, rows: torch.Tensor) -> SamplingBatch:
+    """The sampling parameters of a subset of rows (what the random path needs)."""
+    return SamplingBatch(temperature=b.temperature[rows], top_k=b.top_k[rows], top_p=b.top_p[rows],
+                         min_p=b.min_p[rows], seeds=b.seeds[rows], steps=b.steps[rows], all_greedy=False,
+                         needs_filter=b.needs_filter)
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
     """logits: (S, V) float32, the model's raw output."""
     raw = logits
@@ -101,13 +108,14 @@ def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
     if b.all_greedy:
         token_ids = greedy_ids
     else:
-        temp = b.temperature.clamp(min=1e-5).unsqueeze(1)
-        probs = torch.softmax(logits / temp, dim=-1)
-        if b.needs_filter:
-            probs = filter_probs(probs, b)
-        noise = -torch.log(hash_uniform(b.seeds, b.steps, probs.shape[-1]))  # Exp(1)
-        sampled = (probs / noise).argmax(dim=-1)
-        token_ids = torch.where(b.temperature <= 1e-5, greedy_ids, sampled)
+        rows = (b.temperature > 1e-5).nonzero().squeeze(1)  # only sampled rows pay for noise
+        sb = _rows(b, rows)
+        probs = torch.softmax(logits[rows] / sb.temperature.unsqueeze(1), dim=-1)
+        if sb.needs_filter:
+            probs = filter_probs(probs, sb)
+        noise = -torch.log(hash_uniform(sb.seeds, sb.steps, probs.shape[-1]))  # Exp(1)
+        token_ids = greedy_ids.clone()
+        token_ids[rows] = (probs / noise).argmax(dim=-1)  # exponential race == sampling from probs
     if b.max_logprobs is None:
         return SamplerOutput(token_ids, None, None, None)
     logprobs = torch.log_softmax(raw, dim=-1)
