@@ -21,12 +21,16 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-import torch
+_BENCH = pathlib.Path(__file__).resolve().parent
+# Run as a script, Python puts bench/ first on sys.path, where a bench script named like a stdlib
+# module (bench/http.py) would shadow it for torch and urllib. Import the siblings as `bench.*`.
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _BENCH]
+sys.path.insert(0, str(_BENCH.parent))
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # bench-only siblings, as in multiturn.py
+import torch  # noqa: E402
 
-from common import (CpuWatch, PromptMaker, aggregate_rate, copy_bandwidth, cpu_model_name,  # noqa: E402
-                    median, weight_bytes_per_token)
+from bench.common import (CpuWatch, PromptMaker, aggregate_rate, copy_bandwidth, cpu_model_name,  # noqa: E402
+                          median, weight_bytes_per_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +133,7 @@ def gguf_weight_bytes(path: str) -> int:
 
 
 def run_ours(dtype: str, plan: Plan, bandwidth: float, m: Measurer) -> tuple[Column, PromptMaker, str, int]:
-    from systems import OursOffline
+    from bench.systems import OursOffline
 
     t0 = time.perf_counter()
     ours = OursOffline(dtype)
@@ -148,7 +152,7 @@ def run_hf(path: str, pad: int, prompts: PromptMaker, plan: Plan, bandwidth: flo
     col = Column("HF transformers (float32)")
 
     def go() -> None:
-        from systems import HFGenerate
+        from bench.systems import HFGenerate
 
         hf = HFGenerate(path, pad)
         col.title = f"HF transformers (float32, {hf.attn_implementation})"
@@ -174,8 +178,8 @@ def run_llamacpp(path: str, prompts: PromptMaker, plan: Plan, bandwidth: float, 
     col = Column("llama-server (GGUF Q4_1, 2 threads)")
 
     def go() -> None:
-        from peers import build_llama_server, llama_server
-        from systems import LlamaServerHTTP
+        from bench.peers import build_llama_server, llama_server
+        from bench.systems import LlamaServerHTTP
 
         t0 = time.perf_counter()
         binary = build_llama_server()

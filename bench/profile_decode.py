@@ -9,14 +9,19 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import pathlib
 import pstats
+import sys
 import time
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+_BENCH = pathlib.Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _BENCH]  # bench/http.py shadows http
 
-from layerserve.engine.llm import LLM
-from layerserve.engine.request import SamplingParams
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from layerserve.engine.llm import LLM  # noqa: E402
+from layerserve.engine.request import SamplingParams  # noqa: E402
 
 
 def main() -> None:

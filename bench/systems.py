@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from common import Timing
+from bench.common import Timing
 
 
 class OursOffline:
@@ -115,7 +115,7 @@ class LlamaServerHTTP:
     name = "llama-server"
 
     def __init__(self, server) -> None:
-        self.server = server  # peers.LlamaServer
+        self.server = server  # bench.peers.LlamaServer
 
     def _body(self, prompt: list[int], max_tokens: int, stream: bool) -> dict:
         return {"prompt": prompt, "n_predict": max_tokens, "ignore_eos": True, "temperature": 0.0,

@@ -1,0 +1,96 @@
+"""HTTP overhead: the same work through `layerserve serve` (OpenAI SDK, streaming) and the offline engine.
+
+    .venv/bin/python bench/http.py [--dtype q4] [--tokens 64] [--streams 32]
+
+Prints aggregate tokens/s at N concurrent streams and one request's time to first token, for the
+offline engine (in this process) and the server (a subprocess on localhost), side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import pathlib
+import statistics
+import sys
+import time
+
+from openai import AsyncOpenAI
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from multiturn import layerserve  # noqa: E402
+
+from layerserve.engine.llm import LLM  # noqa: E402
+from layerserve.engine.request import SamplingParams  # noqa: E402
+
+QUESTION = "Write a story about a lighthouse keeper number {i}."
+
+
+def offline(dtype: str, streams: int, tokens: int, repeats: int) -> tuple[float, float]:
+    llm = LLM(dtype=dtype, progress=False, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    prompts = [llm.encode_chat([{"role": "user", "content": QUESTION.format(i=i)}]) for i in range(streams)]
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
+    ttfts = []
+    for r in range(repeats):
+        core = llm.core
+        start = time.perf_counter()
+        ids = llm.encode_chat([{"role": "user", "content": QUESTION.format(i=1000 + r)}])
+        core.add_request(f"ttft-{r}", ids, SamplingParams(max_tokens=1))
+        while core.has_work():
+            core.step()
+        ttfts.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)
+    rate = sum(len(o.token_ids) for res in results for o in res.outputs) / (time.perf_counter() - start)
+    del llm
+    gc.collect()
+    return rate, statistics.median(ttfts)
+
+
+async def served(url: str, streams: int, tokens: int, repeats: int) -> tuple[float, float]:
+    client = AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+
+    async def one(i: int, max_tokens: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        first = None
+        count = 0
+        stream = await client.chat.completions.create(
+            model="any", messages=[{"role": "user", "content": QUESTION.format(i=i)}], max_tokens=max_tokens,
+            temperature=0, stream=True, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content is not None:
+                first = first or time.perf_counter() - start
+                count += 1
+        return first or time.perf_counter() - start, count
+
+    await asyncio.gather(one(0, 4), one(1, 4))  # warm-up
+    ttfts = [(await one(1000 + r, 1))[0] for r in range(repeats)]
+    start = time.perf_counter()
+    done = await asyncio.gather(*(one(i, tokens) for i in range(streams)))
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return sum(c for _, c in done) / elapsed, statistics.median(ttfts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="q4")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--streams", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    off_rate, off_ttft = offline(args.dtype, args.streams, args.tokens, args.repeats)
+    with layerserve(["--dtype", args.dtype, "--no-prefix-cache"]) as url:
+        http_rate, http_ttft = asyncio.run(served(url, args.streams, args.tokens, args.repeats))
+    print(f"| {args.dtype}, {args.streams} streams x {args.tokens} tokens | offline engine | HTTP server (SDK, streaming) | ratio / delta |")
+    print("|---|---|---|---|")
+    print(f"| aggregate tokens/s | {off_rate:.1f} | {http_rate:.1f} | {http_rate / off_rate:.2f}x |")
+    print(f"| TTFT, one request, ms | {off_ttft * 1000:.0f} | {http_ttft * 1000:.0f} | {1000 * (http_ttft - off_ttft):+.0f} ms |")
+    print("(server tokens counted as streamed content chunks; offline as generated tokens)")
+
+
+if __name__ == "__main__":
+    main()
