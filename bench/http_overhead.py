@@ -1,6 +1,6 @@
 """HTTP overhead: the same work through `layerserve serve` (OpenAI SDK, streaming) and the offline engine.
 
-    .venv/bin/python bench/http.py [--dtype q4] [--tokens 64] [--streams 32]
+    .venv/bin/python bench/http_overhead.py [--dtype q4] [--tokens 64] [--streams 32]
 
 Prints aggregate tokens/s at N concurrent streams and one request's time to first token, for the
 offline engine (in this process) and the server (a subprocess on localhost), side by side.
@@ -61,7 +61,7 @@ async def served(url: str, streams: int, tokens: int, repeats: int) -> tuple[flo
             model="any", messages=[{"role": "user", "content": QUESTION.format(i=i)}], max_tokens=max_tokens,
             temperature=0, stream=True, extra_body={"ignore_eos": True})
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content is not None:
+            if chunk.choices and chunk.choices[0].delta.content:  # the role chunk carries ""
                 first = first or time.perf_counter() - start
                 count += 1
         return first or time.perf_counter() - start, count

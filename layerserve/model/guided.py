@@ -18,8 +18,6 @@ can take nothing but EOS (the engine then stops the sequence with finish_reason 
 
 from __future__ import annotations
 
-import copy
-import json
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -28,9 +26,8 @@ import llguidance
 import numpy as np
 import torch
 
-# Compact JSON with the separators of Python's json.dumps: a small model cannot drift into
-# endless whitespace, and what it writes re-renders byte-identically into the next prompt.
-JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+from layerserve.text.tool_parsers.base import Constraint
+from layerserve.text.tool_parsers.schema import json_schema_rule
 
 
 class GrammarError(ValueError):
@@ -40,21 +37,24 @@ class GrammarError(ValueError):
 class GrammarMask:
     """`LogitsMask` of one sample, driven by an llguidance matcher."""
 
-    __slots__ = ("_matcher", "_vocab_size", "_eos_ids", "_words")
+    __slots__ = ("_matcher", "_vocab_size", "_eos_ids", "_words", "_stop_on_repeat", "_repeated")
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids: list[int]) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids: list[int],
+                 stop_on_repeat: tuple[str, str] | None = None) -> None:
         self._matcher = matcher
         self._vocab_size = vocab_size
         self._eos_ids = eos_ids
         self._words = np.empty((vocab_size + 31) // 32, dtype=np.int32)
+        self._stop_on_repeat = stop_on_repeat
+        self._repeated = False
 
     def allowed_mask(self) -> torch.Tensor:
         """(V,) bool: True where the token may come next (V = the tokenizer's vocabulary size).
 
-        After an error (a token the grammar did not allow was accepted) only EOS is allowed, so
-        the sequence ends instead of running on unconstrained.
+        After an error (a token the grammar did not allow was accepted) or a stop, only EOS is
+        allowed, so the sequence ends instead of running on unconstrained.
         """
-        if self._matcher.is_error():
+        if self._repeated or self._matcher.is_error():
             mask = torch.zeros(self._vocab_size, dtype=torch.bool)
             mask[self._eos_ids] = True
             return mask
@@ -65,7 +65,7 @@ class GrammarMask:
     def fill_bitmask(self, out: torch.Tensor) -> None:
         """Write the packed mask into `out`, a contiguous CPU int32 tensor of ceil(V / 32) words
         (bit j of word i: token 32 * i + j), e.g. one row of a per-batch buffer."""
-        if self._matcher.is_error():
+        if self._repeated or self._matcher.is_error():
             words = out.numpy().view(np.uint32)
             words[:] = 0
             for t in self._eos_ids:
@@ -79,9 +79,11 @@ class GrammarMask:
     def accept(self, token_id: int) -> None:
         # A refused token puts the matcher in its error state; allowed_mask() then ends the sequence.
         self._matcher.consume_token(token_id)
+        if self._stop_on_repeat is not None and not self._repeated:
+            self._repeated = _repeats(self._matcher, *self._stop_on_repeat)
 
     def is_finished(self) -> bool:
-        return self._matcher.is_stopped()
+        return self._repeated or self._matcher.is_stopped()
 
     def is_accepting(self) -> bool:
         """Whether the text so far is a complete match (EOS would be allowed now)."""
@@ -93,19 +95,38 @@ class GrammarMask:
         return self._matcher.get_error()
 
 
+def _repeats(matcher: llguidance.LLMatcher, item: str, boundary: str) -> bool:
+    """Whether the last item closed by a boundary capture equals an earlier closed item.
+
+    llguidance records a capture each time its rule could end (a call with optional arguments
+    "ends" after every argument), so an item is only known complete at the next boundary; its
+    final text is the last `item` capture before that boundary."""
+    closed: list[bytes] = []
+    last = None
+    for name, value in matcher.get_captures():
+        if name == item:
+            last = value
+        elif name == boundary and last is not None:
+            closed.append(last)
+            last = None
+    return len(closed) > 1 and closed[-1] in closed[:-1]
+
+
 class GrammarFactory:
     """A compiled grammar; calling it makes a fresh `GrammarMask` (one per sample)."""
 
-    __slots__ = ("_template", "_vocab_size", "_eos_ids", "source")
+    __slots__ = ("_template", "_vocab_size", "_eos_ids", "_stop_on_repeat", "source")
 
-    def __init__(self, template: llguidance.LLMatcher, vocab_size: int, eos_ids: list[int], source: str) -> None:
+    def __init__(self, template: llguidance.LLMatcher, vocab_size: int, eos_ids: list[int], source: str,
+                 stop_on_repeat: tuple[str, str] | None = None) -> None:
         self._template = template  # never advanced; copied per sample (~1 us)
         self._vocab_size = vocab_size
         self._eos_ids = eos_ids
+        self._stop_on_repeat = stop_on_repeat
         self.source = source  # the llguidance grammar (JSON text), for logs and tests
 
     def __call__(self) -> GrammarMask:
-        return GrammarMask(self._template.deep_copy(), self._vocab_size, self._eos_ids)
+        return GrammarMask(self._template.deep_copy(), self._vocab_size, self._eos_ids, self._stop_on_repeat)
 
 
 class GrammarCompiler:
@@ -119,7 +140,7 @@ class GrammarCompiler:
         self._tokenizer = tokenizer
         self._eos_ids = sorted(tokenizer.eos_token_ids)
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
-        self._cache: OrderedDict[str, GrammarFactory] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, tuple[str, str] | None], GrammarFactory] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -149,61 +170,33 @@ class GrammarCompiler:
 
     def lark(self, source: str) -> GrammarFactory:
         """Output matches a Lark grammar in llguidance's dialect (`%json {...}` inline schemas,
-        `<|special|>` tokens, lazy lexemes)."""
+        `<[token id]>` tokens, lazy lexemes)."""
         return self._compile(llguidance.LLMatcher.grammar_from_lark(source))
+
+    def compile(self, constraint: Constraint) -> GrammarFactory:
+        """A `Constraint` from the tool layer: its Lark grammar, and the end of output when a
+        capture repeats an earlier one (`Constraint.stop_on_repeat`)."""
+        grammar = llguidance.LLMatcher.grammar_from_lark(constraint.grammar)
+        return self._compile(grammar, constraint.stop_on_repeat)
 
     def regex(self, pattern: str) -> GrammarFactory:
         return self._compile(llguidance.LLMatcher.grammar_from_regex(pattern))
 
-    def _compile(self, grammar: str) -> GrammarFactory:
+    def _compile(self, grammar: str, stop_on_repeat: tuple[str, str] | None = None) -> GrammarFactory:
+        key = (grammar, stop_on_repeat)
         with self._lock:
-            hit = self._cache.get(grammar)
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end(grammar)
+                self._cache.move_to_end(key)
                 return hit
         ll_tokenizer = self.ll_tokenizer
         # Compiling drops the GIL; two threads compiling the same grammar at once just both do it.
         matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"invalid grammar: {matcher.get_error()}")
-        factory = GrammarFactory(matcher, ll_tokenizer.vocab_size, self._eos_ids, grammar)
+        factory = GrammarFactory(matcher, ll_tokenizer.vocab_size, self._eos_ids, grammar, stop_on_repeat)
         with self._lock:
-            self._cache[grammar] = factory
+            self._cache[key] = factory
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return factory
-
-
-def json_schema_rule(schema: dict[str, Any], style: dict[str, Any] | None = None) -> str:
-    """A Lark expression (`%json {...}`) for one JSON value valid under `schema`, written in
-    `style` (llguidance's x-guidance options; default JSON_STYLE), objects closed as in
-    `GrammarCompiler.json_schema`. For embedding schemas in larger grammars (tool calls)."""
-    closed = close_objects(schema)
-    if isinstance(closed, dict):
-        closed = {**closed, "x-guidance": {**JSON_STYLE, **(style or {})}}
-    return "%json " + json.dumps(closed)
-
-
-def close_objects(schema: Any) -> Any:
-    """A copy of `schema` where every object schema that lists `properties` but says nothing of
-    `additionalProperties` (or `patternProperties`) gets `additionalProperties: false`."""
-    if isinstance(schema, list):
-        return [close_objects(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
-            out[key] = {k: close_objects(v) for k, v in value.items()} if isinstance(value, dict) else value
-        elif key in ("const", "enum", "default", "examples"):
-            out[key] = copy.deepcopy(value)
-        else:
-            out[key] = close_objects(value)
-    if (
-        isinstance(out.get("properties"), dict)
-        and "additionalProperties" not in out
-        and "patternProperties" not in out
-        and "unevaluatedProperties" not in out
-    ):
-        out["additionalProperties"] = False
-    return out
