@@ -1,0 +1,428 @@
+"""Generic format, for models whose chat template knows nothing of tools (the default SmolLM2).
+
+The tools are described in the system prompt and the tool request's output is forced into:
+
+    Topic: weather in Tokyo     <- a few words of the model's own, then either calls:
+    Tool: weather               <- the tool, under a short alias
+    location: Tokyo             <- its arguments as lines (or JSON, see generic_args.py)
+    Tool: ...                   <- more calls, when parallel calls are allowed
+or
+    Tool: none                  <- no call: the output ends here
+
+and a text answer is then written by a second request (`ChatPlan.answer`) whose context has no
+tool instructions and no routing markup. Measured on SmolLM2-135M (tests/text/test_tool_generic.py
+and the notes in `GenericFormat`):
+
+- a small model decides badly at the first token of an answer, but well after restating the
+  request in its own words ("Topic: ...") and when the choice is between two content words;
+  so tools are shown under short aliases (`get_weather` -> `weather`) and the decision is
+  " weather" vs " none", right after a topic line that usually says "weather" or not;
+- the decision's first token must carry the word's leading space: after a lone " " token the
+  model's preference between the words is noise;
+- text written after this markup is much worse than the same model's plain answer (it keeps
+  producing "Tool: ..." lines), hence the separate answer request; the prefix cache makes its
+  prompt nearly free;
+- arguments copied from the user's message come out right as `key: value` lines, and often
+  wrong inside JSON strings (generic_args.py);
+- the model tends to repeat a call; the output stops at the first exact repeat;
+- all of this is hidden routing, sampled greedily (`ChatPlan.greedy`): the model's best guess,
+  whatever the request's temperature, which then applies to the text answer.
+
+The parser maps aliases back to the real names; none of this markup reaches `content`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from layerserve.text.tool_parsers.base import (
+    ChoiceMode,
+    Constraint,
+    ParsedDelta,
+    ToolCall,
+    ToolCallParser,
+    ToolChoice,
+    ToolFormat,
+    ToolSpec,
+    expect_prefix,
+    new_call_id,
+)
+from layerserve.text.tool_parsers.generic_args import LineArgs, LineArgsWriter
+from layerserve.text.tool_parsers.json_stream import JsonObjectScanner
+from layerserve.text.tool_parsers.registry import TOOL_FORMATS
+from layerserve.text.tool_parsers.schema import json_schema_rule
+
+TOPIC, TOOL, NONE = "Topic:", "Tool:", "none"
+# Grammar captures: the tool word chosen, each call, the start of each further call.
+_DECISION, _CALL, _NEXT = "decision", "call", "next"
+MAX_TOPIC_CHARS = 60
+# Leading verbs dropped from a tool name to get its alias: get_weather -> weather.
+_VERBS = frozenset(
+    "get fetch retrieve lookup look find query list read show check do run call use make perform "
+    "execute request load obtain".split()
+)
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+
+
+def tool_aliases(tools: list[ToolSpec]) -> dict[str, ToolSpec]:
+    """alias -> tool: the tool name in lower-case words without a leading verb; the full name
+    where that would be ambiguous or read as "none"."""
+    wanted: dict[str, list[ToolSpec]] = {}
+    for tool in tools:
+        words = [w.lower() for w in _WORDS.findall(tool.name)] or [tool.name]
+        while len(words) > 1 and words[0] in _VERBS:
+            words.pop(0)
+        wanted.setdefault("_".join(words), []).append(tool)
+    out: dict[str, ToolSpec] = {}
+    for alias, owners in wanted.items():
+        for tool in owners:
+            name = alias if len(owners) == 1 and alias != NONE else tool.name
+            out[name if name != NONE and name not in out else f"{tool.name}_tool"] = tool
+    return out
+
+
+def describe_parameters(schema: dict[str, Any]) -> str:
+    """`location (string, required), unit ("celsius" or "fahrenheit")`: the arguments in words."""
+    props = schema.get("properties") or {}
+    required = set(schema.get("required") or [])
+    parts = []
+    for name, prop in props.items():
+        prop = prop if isinstance(prop, dict) else {}
+        if "enum" in prop:
+            kind = " or ".join(json.dumps(v) for v in prop["enum"])
+        else:
+            kind = prop.get("type", "any")
+            kind = "/".join(kind) if isinstance(kind, list) else str(kind)
+        if name in required:
+            kind += ", required"
+        desc = prop.get("description")
+        parts.append(f"{name} ({kind})" + (f": {desc}" if desc else ""))
+    return ", ".join(parts) if parts else "none"
+
+
+@TOOL_FORMATS.register(priority=-1)
+class GenericFormat(ToolFormat):
+    name = "generic"
+    answer_after_results = True
+    separate_answer = True
+    greedy_calls = True
+
+    @classmethod
+    def detect(cls, chat_template: str) -> bool:
+        return True  # the fallback
+
+    def system_prompt(self, tools: list[ToolSpec]) -> str:
+        lines = ["You are a helpful assistant with these tools:"]
+        for alias, tool in tool_aliases(tools).items():
+            desc = tool.description.strip().rstrip(".")
+            lines.append(f"- {alias}: {desc + '. ' if desc else ''}Arguments: {describe_parameters(tool.parameters)}.")
+        lines += [
+            "",
+            'Start every reply with "Topic: " and the topic of the user\'s message in a few words. '
+            'Then write "Tool: " and the tool for that topic, or "Tool: none".',
+        ]
+        return "\n".join(lines)
+
+    def prepare_messages(
+        self, messages: list[dict[str, Any]], tools: list[ToolSpec], choice: ToolChoice
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        out = self._plain_messages(messages, tools, calls_as_lines=True)
+        if tools:
+            _add_system(out, self.system_prompt(tools))
+        return out, None
+
+    def answer_messages(self, messages: list[dict[str, Any]], tools: list[ToolSpec], choice: ToolChoice) -> list[dict[str, Any]]:
+        """The conversation as plain chat. With tool_choice "none" the tools are still named
+        (OpenAI shows them); otherwise the routing request has already decided against them.
+        Past calls read `Calling weather with {...}.`: in call-line form, a small model keeps
+        writing call lines instead of answering."""
+        out = self._plain_messages(messages, tools, calls_as_lines=False)
+        if tools and choice.mode is ChoiceMode.NONE:
+            names = ", ".join(f"{alias} ({t.description.strip().rstrip('.') or 'no description'})" for alias, t in tool_aliases(tools).items())
+            _add_system(out, f"Tools exist ({names}), but answer this message yourself, in plain text.")
+        return out
+
+    def _plain_messages(self, messages: list[dict[str, Any]], tools: list[ToolSpec], calls_as_lines: bool) -> list[dict[str, Any]]:
+        """Every message as role + text; tool results as user messages ("weather returned: ...")."""
+        aliases = tool_aliases(tools)
+        by_name = {tool.name: alias for alias, tool in aliases.items()}
+        out: list[dict[str, Any]] = []
+        for message in messages:
+            role = message.get("role")
+            content = message.get("content") or ""
+            if not isinstance(content, str):
+                content = json.dumps(content, ensure_ascii=False)
+            if role == "assistant" and message.get("tool_calls"):
+                calls = [(by_name.get(c["function"]["name"], c["function"]["name"]), c["function"].get("arguments")) for c in message["tool_calls"]]
+                text = self._calls_text(calls, aliases) if calls_as_lines else " ".join(
+                    f"Calling {name} with {_json_text(arguments)}." for name, arguments in calls
+                )
+                out.append({"role": "assistant", "content": (content + "\n" if content else "") + text})
+            elif role == "tool":
+                name = by_name.get(message.get("name", ""), message.get("name", "tool"))
+                out.append({"role": "user", "content": f"{name} returned: {content}"})
+            else:
+                out.append({"role": "system" if role == "developer" else role, "content": content})
+        return out
+
+    @staticmethod
+    def _calls_text(calls: list[tuple[str, Any]], aliases: dict[str, ToolSpec]) -> str:
+        """Past calls in the shape the model writes them."""
+        lines = [f"{TOPIC} {' and '.join(dict.fromkeys(name.replace('_', ' ') for name, _ in calls))}"]
+        for name, arguments in calls:
+            lines.append(f"{TOOL} {name}{_call_text(aliases.get(name), arguments)}")
+        return "\n".join(lines)
+
+    def grammar(self, tools: list[ToolSpec], choice: ToolChoice, parallel: bool, content_rule: str | None) -> Constraint:
+        aliases = tool_aliases(tools)
+        # Parallel calls repeat the first call's tool: asked about one tool, a small model adds
+        # junk calls of the others ("timezone: none") far more often than it needs two tools.
+        many = parallel and choice.mode is not ChoiceMode.NAMED
+        lines = [
+            f'start: "{TOPIC}" TOPIC "\\n{TOOL}" choice',
+            "choice: calls | no_call" if choice.mode is ChoiceMode.AUTO else "choice: calls",
+            "calls: " + " | ".join(f"call_{i} (next call_{i})*" if many else f"call_{i}" for i in range(len(aliases))),
+            f'next[capture="{_NEXT}"]: "\\n{TOOL}"',
+            f'no_call[capture="{_DECISION}"]: {self._word(NONE)}',
+        ]
+        for i, (alias, tool) in enumerate(aliases.items()):
+            # The repeat check looks at the tool and its required arguments only: a small model
+            # asked about one city likes to add the same call with each unit.
+            line_args = LineArgs.of(tool.parameters)
+            required, optional = line_args.grammar(self._word) if line_args else (f'" " {json_schema_rule(tool.parameters)}', "")
+            lines.append(f"call_{i}: key_{i} {optional}".rstrip())
+            lines.append(f'key_{i}[capture="{_CALL}"]: tool_{i} {required}'.rstrip())
+            lines.append(f'tool_{i}[capture="{_DECISION}"]: {self._word(alias)}')
+        lines.append(f"TOPIC: / [^\\n]{{1,{MAX_TOPIC_CHARS - 1}}}/")
+        return Constraint("\n".join(lines) + "\n", stop_on_repeat=(_CALL, _NEXT))
+
+    def _word(self, word: str) -> str:
+        """`word` after a space, spelled so that its first token carries the space (" weather",
+        " we" + "ather", ...). A lone " " token would also spell it, but after one the model's
+        preference between words is noise; with it excluded, the choice between tools and "none"
+        (or between enum values) is made at a natural token."""
+        firsts = []
+        for k in range(1, len(word) + 1):
+            ids = self.tokenizer.encode(" " + word[:k])
+            if len(ids) == 1:
+                rest = f" {json.dumps(word[k:])}" if word[k:] else ""
+                firsts.append(f"<[{ids[0]}]>{rest}")
+        if not firsts:  # no token starts with " " + a letter of it: plain text
+            return json.dumps(" " + word)
+        return "(" + " | ".join(firsts) + ")"
+
+    def new_parser(self, tools: list[ToolSpec], id_factory: Callable[[], str] = new_call_id) -> ToolCallParser:
+        forms = {alias: (tool.name, LineArgs.of(tool.parameters)) for alias, tool in tool_aliases(tools).items()}
+        return GenericParser(forms, id_factory)
+
+
+def _add_system(messages: list[dict[str, Any]], text: str) -> None:
+    if messages and messages[0]["role"] == "system":
+        messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + text}
+    else:
+        messages.insert(0, {"role": "system", "content": text})
+
+
+def _json_text(arguments: Any) -> str:
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+
+
+def _call_text(tool: ToolSpec | None, arguments: Any) -> str:
+    """What follows the tool word for a past call: argument lines, or " " and JSON."""
+    if tool is not None:
+        line_args = LineArgs.of(tool.parameters)
+        if line_args is not None:
+            lines = line_args.render(arguments if arguments is not None else {})
+            if lines is not None:
+                return lines
+    return " " + _json_text(arguments)
+
+
+class GenericParser(ToolCallParser):
+    """Reads `Topic: ...`, then calls (`Tool: <alias>` and argument lines or JSON), or
+    `Tool: none` (`needs_answer`).
+
+    The first call streams as it is written; later ones are held until complete and dropped
+    when they repeat an earlier call exactly. Output not in this shape (no grammar was used) is
+    passed through as content.
+    """
+
+    def __init__(self, forms: dict[str, tuple[str, LineArgs | None]], id_factory: Callable[[], str] = new_call_id) -> None:
+        super().__init__(id_factory)
+        self._forms = forms  # alias -> (tool name, line form or None for JSON)
+        self._buf = ""
+        # head -> topic -> tool -> name -> (json | lines <-> value) -> next -> name ... ; text ; done
+        self._state = "head"
+        self._scanner = JsonObjectScanner()
+        self._writer: LineArgsWriter | None = None
+        self._held: tuple[str, list[str]] | None = None  # a later call being written: (name, argument text)
+
+    def feed(self, text: str) -> ParsedDelta:
+        out = ParsedDelta()
+        self._buf += text
+        self._run(out)
+        return out
+
+    def finish(self) -> ParsedDelta:
+        out = ParsedDelta()
+        self._run(out)
+        if self._state == "name" and self._buf.strip() == NONE:
+            self.needs_answer = True
+        elif self._state == "name" and self._buf.strip() in self._forms:
+            _, line_args = self._forms[self._buf.strip()]
+            if line_args is not None and not line_args.required:  # a complete call without arguments
+                self._open_call(out, self._buf.strip())
+                self._close_call(out)
+        elif self._state == "value":
+            self._args(out, self._writer.value(self._buf))
+            self._close_call(out)
+        elif self._state in ("json", "lines"):
+            self._close_call(out)
+        elif self._state in ("head", "text"):
+            self._content(out, self._buf)
+        self._buf = ""
+        self._state = "done"
+        return out
+
+    def _run(self, out: ParsedDelta) -> None:
+        while self._buf and self._step(out):
+            pass
+
+    def _step(self, out: ParsedDelta) -> bool:
+        """Consume what the state allows; False when more text is needed."""
+        state = self._state
+        if state in ("head", "tool", "next"):
+            marker = {"head": TOPIC, "tool": TOOL, "next": "\n" + TOOL}[state]
+            seen = expect_prefix(self._buf, marker)
+            if seen is None:
+                return False
+            if not seen:  # not our shape: plain text, or trailing junk after the calls
+                self._state = "text" if state == "head" else "done"
+                return True
+            self._buf = self._buf[len(marker):]
+            self._state = "topic" if state == "head" else "name"
+        elif state == "topic":
+            end = self._buf.find("\n")
+            self._buf = self._buf[end + 1:] if end >= 0 else ""  # the topic is never shown
+            if end < 0:
+                return False
+            self._state = "tool"
+        elif state == "name":
+            match = re.match(r"\s*([^\s{]+)[\s{]", self._buf)
+            if match is None:
+                return False
+            word = match.group(1)
+            self._buf = self._buf[match.end(1):]
+            if word == NONE:
+                self.needs_answer = True
+                self._state = "done"
+            elif word in self._forms:
+                self._open_call(out, word)
+            else:
+                self._state = "done"
+        elif state == "json":
+            start, used = self._scanner.feed(self._buf)
+            self._args(out, self._buf[start:used])
+            self._buf = self._buf[used:]
+            if not self._scanner.done:
+                return False
+            self._close_call(out)
+            self._state = "next"
+        elif state == "lines":
+            return self._lines_step(out)
+        elif state == "value":
+            end = self._buf.find("\n")
+            piece = self._buf if end < 0 else self._buf[:end]
+            self._args(out, self._writer.value(piece))
+            self._buf = "" if end < 0 else self._buf[end:]
+            if end < 0:
+                return False
+            self._state = "lines"
+        elif state == "text":
+            self._content(out, self._buf)
+            self._buf = ""
+        else:  # done: nothing more is ours to show
+            self._buf = ""
+        return True
+
+    def _lines_step(self, out: ParsedDelta) -> bool:
+        """At a line break inside a call: another argument, another call, or junk."""
+        assert self._writer is not None
+        for name in self._writer.params:
+            seen = expect_prefix(self._buf, f"\n{name}:")
+            if seen:
+                self._buf = self._buf[len(name) + 2:]
+                self._args(out, self._writer.key(name))
+                self._state = "value"
+                return True
+        if any(expect_prefix(self._buf, f"\n{name}:") is None for name in self._writer.params):
+            return False
+        self._close_call(out)
+        self._state = "next"
+        return True
+
+    def _open_call(self, out: ParsedDelta, alias: str) -> None:
+        name, line_args = self._forms[alias]
+        if self.tool_calls:
+            self._held = (name, [])
+        else:
+            self._start_call(out, name)
+        if line_args is None:
+            self._writer = None
+            self._scanner = JsonObjectScanner()
+            self._state = "json"
+        else:
+            self._writer = LineArgsWriter(line_args)
+            self._args(out, self._writer.begin())
+            self._state = "lines"
+
+    def _args(self, out: ParsedDelta, fragment: str) -> None:
+        if self._held is not None:
+            self._held[1].append(fragment)
+        else:
+            self._arguments(out, fragment)
+
+    def _complete(self, name: str, arguments: str) -> bool:
+        """Whether a held call was finished (output may stop inside one: a length limit, or the
+        grammar's stop right after a repeat)."""
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            return False
+        line_args = next((form for tool, form in self._forms.values() if tool == name), None)
+        return line_args is None or all(k in parsed for k in line_args.required)
+
+    def _same_call(self, call: ToolCall, name: str, arguments: str) -> bool:
+        """A repeat: the same tool with the same arguments (for argument lines, the same
+        required ones, as the grammar's repeat check)."""
+        if call.name != name:
+            return False
+        line_args = next((form for tool, form in self._forms.values() if tool == name), None)
+        if line_args is None:
+            return call.arguments == arguments
+        try:
+            old, new = json.loads(call.arguments), json.loads(arguments)
+        except json.JSONDecodeError:
+            return call.arguments == arguments
+        return all(old.get(k) == new.get(k) for k in line_args.required)
+
+    def _close_call(self, out: ParsedDelta) -> None:
+        if self._writer is not None:
+            self._args(out, self._writer.end())
+            self._writer = None
+        if self._held is None:
+            self._end_call(out)
+            return
+        name, fragments = self._held
+        self._held = None
+        arguments = "".join(fragments) or "{}"
+        if not self._complete(name, arguments) or any(self._same_call(c, name, arguments) for c in self.tool_calls):
+            return
+        self._start_call(out, name)
+        self._arguments(out, arguments)
+        self._end_call(out)
