@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -34,41 +36,50 @@ class GrammarError(ValueError):
     """The schema or grammar cannot be compiled; the message is user-facing (maps to HTTP 400)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Shared:
+    """What every mask of one compiled grammar shares."""
+
+    ll_tokenizer: llguidance.LLTokenizer
+    vocab_size: int
+    eos_ids: list[int]
+    stop_after: bytes | None  # Constraint.stop_after, encoded
+    stop_when: Callable[[str], bool] | None
+
+
 class GrammarMask:
     """`LogitsMask` of one sample, driven by an llguidance matcher."""
 
-    __slots__ = ("_matcher", "_vocab_size", "_eos_ids", "_words", "_stop_on_repeat", "_repeated")
+    __slots__ = ("_matcher", "_shared", "_words", "_output", "_stopped")
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos_ids: list[int],
-                 stop_on_repeat: tuple[str, str] | None = None) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, shared: _Shared) -> None:
         self._matcher = matcher
-        self._vocab_size = vocab_size
-        self._eos_ids = eos_ids
-        self._words = np.empty((vocab_size + 31) // 32, dtype=np.int32)
-        self._stop_on_repeat = stop_on_repeat
-        self._repeated = False
+        self._shared = shared
+        self._words = np.empty((shared.vocab_size + 31) // 32, dtype=np.int32)
+        self._output = bytearray()  # kept only for a stop check
+        self._stopped = False  # the constraint's stop check fired
 
     def allowed_mask(self) -> torch.Tensor:
         """(V,) bool: True where the token may come next (V = the tokenizer's vocabulary size).
 
-        After an error (a token the grammar did not allow was accepted) or a stop, only EOS is
-        allowed, so the sequence ends instead of running on unconstrained.
+        After an error (a token the grammar did not allow was accepted) or a stop check, only
+        EOS is allowed, so the sequence ends instead of running on unconstrained.
         """
-        if self._repeated or self._matcher.is_error():
-            mask = torch.zeros(self._vocab_size, dtype=torch.bool)
-            mask[self._eos_ids] = True
+        if self._stopped or self._matcher.is_error():
+            mask = torch.zeros(self._shared.vocab_size, dtype=torch.bool)
+            mask[self._shared.eos_ids] = True
             return mask
         self._matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
-        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self._vocab_size]
+        bits = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self._shared.vocab_size]
         return torch.from_numpy(bits.view(np.bool_))
 
     def fill_bitmask(self, out: torch.Tensor) -> None:
         """Write the packed mask into `out`, a contiguous CPU int32 tensor of ceil(V / 32) words
         (bit j of word i: token 32 * i + j), e.g. one row of a per-batch buffer."""
-        if self._repeated or self._matcher.is_error():
+        if self._stopped or self._matcher.is_error():
             words = out.numpy().view(np.uint32)
             words[:] = 0
-            for t in self._eos_ids:
+            for t in self._shared.eos_ids:
                 words[t // 32] |= np.uint32(1 << (t % 32))
             return
         self._matcher.unsafe_compute_mask_ptr(out.data_ptr(), out.numel() * 4)
@@ -79,11 +90,14 @@ class GrammarMask:
     def accept(self, token_id: int) -> None:
         # A refused token puts the matcher in its error state; allowed_mask() then ends the sequence.
         self._matcher.consume_token(token_id)
-        if self._stop_on_repeat is not None and not self._repeated:
-            self._repeated = _repeats(self._matcher, *self._stop_on_repeat)
+        shared = self._shared
+        if shared.stop_after is not None and shared.stop_when is not None and not self._stopped:
+            self._output += shared.ll_tokenizer.decode_bytes([token_id])
+            if self._output.endswith(shared.stop_after):
+                self._stopped = shared.stop_when(self._output.decode("utf-8", errors="replace"))
 
     def is_finished(self) -> bool:
-        return self._repeated or self._matcher.is_stopped()
+        return self._stopped or self._matcher.is_stopped()
 
     def is_accepting(self) -> bool:
         """Whether the text so far is a complete match (EOS would be allowed now)."""
@@ -95,38 +109,18 @@ class GrammarMask:
         return self._matcher.get_error()
 
 
-def _repeats(matcher: llguidance.LLMatcher, item: str, boundary: str) -> bool:
-    """Whether the last item closed by a boundary capture equals an earlier closed item.
-
-    llguidance records a capture each time its rule could end (a call with optional arguments
-    "ends" after every argument), so an item is only known complete at the next boundary; its
-    final text is the last `item` capture before that boundary."""
-    closed: list[bytes] = []
-    last = None
-    for name, value in matcher.get_captures():
-        if name == item:
-            last = value
-        elif name == boundary and last is not None:
-            closed.append(last)
-            last = None
-    return len(closed) > 1 and closed[-1] in closed[:-1]
-
-
 class GrammarFactory:
     """A compiled grammar; calling it makes a fresh `GrammarMask` (one per sample)."""
 
-    __slots__ = ("_template", "_vocab_size", "_eos_ids", "_stop_on_repeat", "source")
+    __slots__ = ("_template", "_shared", "source")
 
-    def __init__(self, template: llguidance.LLMatcher, vocab_size: int, eos_ids: list[int], source: str,
-                 stop_on_repeat: tuple[str, str] | None = None) -> None:
+    def __init__(self, template: llguidance.LLMatcher, shared: _Shared, source: str) -> None:
         self._template = template  # never advanced; copied per sample (~1 us)
-        self._vocab_size = vocab_size
-        self._eos_ids = eos_ids
-        self._stop_on_repeat = stop_on_repeat
+        self._shared = shared
         self.source = source  # the llguidance grammar (JSON text), for logs and tests
 
     def __call__(self) -> GrammarMask:
-        return GrammarMask(self._template.deep_copy(), self._vocab_size, self._eos_ids, self._stop_on_repeat)
+        return GrammarMask(self._template.deep_copy(), self._shared)
 
 
 class GrammarCompiler:
@@ -140,7 +134,7 @@ class GrammarCompiler:
         self._tokenizer = tokenizer
         self._eos_ids = sorted(tokenizer.eos_token_ids)
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
-        self._cache: OrderedDict[tuple[str, tuple[str, str] | None], GrammarFactory] = OrderedDict()
+        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # grammar -> template matcher
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -171,32 +165,37 @@ class GrammarCompiler:
     def lark(self, source: str) -> GrammarFactory:
         """Output matches a Lark grammar in llguidance's dialect (`%json {...}` inline schemas,
         `<[token id]>` tokens, lazy lexemes)."""
-        return self._compile(llguidance.LLMatcher.grammar_from_lark(source))
+        return self._factory(llguidance.LLMatcher.grammar_from_lark(source))
 
     def compile(self, constraint: Constraint) -> GrammarFactory:
-        """A `Constraint` from the tool layer: its Lark grammar, and the end of output when a
-        capture repeats an earlier one (`Constraint.stop_on_repeat`)."""
+        """A `Constraint` from the tool layer: its Lark grammar and its stop check."""
         grammar = llguidance.LLMatcher.grammar_from_lark(constraint.grammar)
-        return self._compile(grammar, constraint.stop_on_repeat)
+        stop_after = constraint.stop_after.encode("utf-8") if constraint.stop_after else None
+        return self._factory(grammar, stop_after, constraint.stop_when)
 
     def regex(self, pattern: str) -> GrammarFactory:
-        return self._compile(llguidance.LLMatcher.grammar_from_regex(pattern))
+        return self._factory(llguidance.LLMatcher.grammar_from_regex(pattern))
 
-    def _compile(self, grammar: str, stop_on_repeat: tuple[str, str] | None = None) -> GrammarFactory:
-        key = (grammar, stop_on_repeat)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
+    def _factory(self, grammar: str, stop_after: bytes | None = None,
+                 stop_when: Callable[[str], bool] | None = None) -> GrammarFactory:
+        template = self._template(grammar)
         ll_tokenizer = self.ll_tokenizer
+        shared = _Shared(ll_tokenizer, ll_tokenizer.vocab_size, self._eos_ids, stop_after, stop_when)
+        return GrammarFactory(template, shared, grammar)
+
+    def _template(self, grammar: str) -> llguidance.LLMatcher:
+        """The compiled matcher for a grammar, from the cache when it is there."""
+        with self._lock:
+            hit = self._cache.get(grammar)
+            if hit is not None:
+                self._cache.move_to_end(grammar)
+                return hit
         # Compiling drops the GIL; two threads compiling the same grammar at once just both do it.
-        matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"invalid grammar: {matcher.get_error()}")
-        factory = GrammarFactory(matcher, ll_tokenizer.vocab_size, self._eos_ids, grammar, stop_on_repeat)
         with self._lock:
-            self._cache[key] = factory
+            self._cache[grammar] = matcher
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return factory
+        return matcher

@@ -66,10 +66,11 @@ class Constraint:
     `layerserve.model.guided.GrammarCompiler.compile`)."""
 
     grammar: str
-    # (item, boundary) capture names: end the output when an item closed by a boundary capture
-    # repeats an earlier one exactly, e.g. a small model listing the same tool call again and
-    # again is stopped as the call after the first repeat begins.
-    stop_on_repeat: tuple[str, str] | None = None
+    # A stop check: each time the output ends with `stop_after`, `stop_when(output)` may end it
+    # (e.g. a small model listing the same tool call again and again is stopped as the call
+    # after the first repeat begins).
+    stop_after: str | None = None
+    stop_when: Callable[[str], bool] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ The parser maps aliases back to the real names; none of this markup reaches `con
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -56,8 +57,6 @@ from layerserve.text.tool_parsers.registry import TOOL_FORMATS
 from layerserve.text.tool_parsers.schema import json_schema_rule
 
 TOPIC, TOOL, NONE = "Topic:", "Tool:", "none"
-# Grammar captures: the tool word chosen, each call, the start of each further call.
-_DECISION, _CALL, _NEXT = "decision", "call", "next"
 MAX_TOPIC_CHARS = 60
 # Leading verbs dropped from a tool name to get its alias: get_weather -> weather.
 _VERBS = frozenset(
@@ -183,21 +182,17 @@ class GenericFormat(ToolFormat):
         many = parallel and choice.mode is not ChoiceMode.NAMED
         lines = [
             f'start: "{TOPIC}" TOPIC "\\n{TOOL}" choice',
-            "choice: calls | no_call" if choice.mode is ChoiceMode.AUTO else "choice: calls",
-            "calls: " + " | ".join(f"call_{i} (next call_{i})*" if many else f"call_{i}" for i in range(len(aliases))),
-            f'next[capture="{_NEXT}"]: "\\n{TOOL}"',
-            f'no_call[capture="{_DECISION}"]: {self._word(NONE)}',
+            f"choice: calls | {self._word(NONE)}" if choice.mode is ChoiceMode.AUTO else "choice: calls",
+            "calls: " + " | ".join(f'call_{i} ("\\n{TOOL}" call_{i})*' if many else f"call_{i}" for i in range(len(aliases))),
         ]
+        required: dict[str, list[str] | None] = {}
         for i, (alias, tool) in enumerate(aliases.items()):
-            # The repeat check looks at the tool and its required arguments only: a small model
-            # asked about one city likes to add the same call with each unit.
             line_args = LineArgs.of(tool.parameters)
-            required, optional = line_args.grammar(self._word) if line_args else (f'" " {json_schema_rule(tool.parameters)}', "")
-            lines.append(f"call_{i}: key_{i} {optional}".rstrip())
-            lines.append(f'key_{i}[capture="{_CALL}"]: tool_{i} {required}'.rstrip())
-            lines.append(f'tool_{i}[capture="{_DECISION}"]: {self._word(alias)}')
+            args = " ".join(line_args.grammar(self._word)) if line_args else f'" " {json_schema_rule(tool.parameters)}'
+            lines.append(f"call_{i}: {self._word(alias)} {args}".rstrip())
+            required[alias] = line_args.required if line_args else None
         lines.append(f"TOPIC: / [^\\n]{{1,{MAX_TOPIC_CHARS - 1}}}/")
-        return Constraint("\n".join(lines) + "\n", stop_on_repeat=(_CALL, _NEXT))
+        return Constraint("\n".join(lines) + "\n", stop_after="\n" + TOOL, stop_when=functools.partial(_repeats, required))
 
     def _word(self, word: str) -> str:
         """`word` after a space, spelled so that its first token carries the space (" weather",
@@ -217,6 +212,22 @@ class GenericFormat(ToolFormat):
     def new_parser(self, tools: list[ToolSpec], id_factory: Callable[[], str] = new_call_id) -> ToolCallParser:
         forms = {alias: (tool.name, LineArgs.of(tool.parameters)) for alias, tool in tool_aliases(tools).items()}
         return GenericParser(forms, id_factory)
+
+
+def _repeats(required: dict[str, list[str] | None], output: str) -> bool:
+    """Whether the last finished call in `output` (which ends where the next call begins)
+    repeats an earlier one: the same tool with the same required arguments (for JSON arguments,
+    the same JSON). A small model asked about one city likes to add the same call per unit."""
+    calls = output.split("\n" + TOOL)[1:-1]
+
+    def key(call: str) -> tuple[str, ...]:
+        head, *arg_lines = call.split("\n")
+        names = required.get(head.strip())
+        if names is None:
+            return (call,)
+        return (head.strip(), *sorted(line for line in arg_lines if line.split(":", 1)[0] in names))
+
+    return len(calls) > 1 and key(calls[-1]) in {key(c) for c in calls[:-1]}
 
 
 def _add_system(messages: list[dict[str, Any]], text: str) -> None:
