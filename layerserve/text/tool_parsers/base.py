@@ -120,14 +120,30 @@ class ToolCallParser(ABC):
         # request (`ChatPlan.answer`), as in the generic format.
         self.needs_answer = False
         self._open: tuple[str, str, list[str]] | None = None  # (id, name, argument fragments)
+        self._buf = ""  # text received but not yet decided
 
-    @abstractmethod
     def feed(self, text: str) -> ParsedDelta:
         """Consume the next piece of generated text."""
+        out = ParsedDelta()
+        self._buf += text
+        self._run(out)
+        return out
 
-    @abstractmethod
     def finish(self) -> ParsedDelta:
         """End of output: release whatever was held back."""
+        out = ParsedDelta()
+        self._run(out)
+        self._end(out)
+        self._buf = ""
+        return out
+
+    @abstractmethod
+    def _run(self, out: ParsedDelta) -> None:
+        """Advance the state machine over `self._buf` as far as it is decided."""
+
+    @abstractmethod
+    def _end(self, out: ParsedDelta) -> None:
+        """The output ended in the current state: close or release what is pending."""
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """Whole-output convenience: (content or None when empty, calls)."""

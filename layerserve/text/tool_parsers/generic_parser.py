@@ -32,15 +32,7 @@ class GenericParser(ToolCallParser):
         self._writer: LineArgsWriter | None = None
         self._held: tuple[str, list[str]] | None = None  # a later call being written: (name, argument text)
 
-    def feed(self, text: str) -> ParsedDelta:
-        out = ParsedDelta()
-        self._buf += text
-        self._run(out)
-        return out
-
-    def finish(self) -> ParsedDelta:
-        out = ParsedDelta()
-        self._run(out)
+    def _end(self, out: ParsedDelta) -> None:
         if self._state == "name" and self._buf.strip() == NONE:
             self.needs_answer = True
         elif self._state == "name" and self._buf.strip() in self._forms:
@@ -55,9 +47,7 @@ class GenericParser(ToolCallParser):
             self._close_call(out)
         elif self._state in ("head", "text"):
             self._content(out, self._buf)
-        self._buf = ""
         self._state = "done"
-        return out
 
     def _run(self, out: ParsedDelta) -> None:
         while self._buf and self._step(out):

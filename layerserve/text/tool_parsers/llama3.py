@@ -76,21 +76,11 @@ class Llama3JsonParser(JsonCallParser):
         super().__init__(id_factory)
         self._state = "start"  # start -> text | between -> call -> between ...
 
-    def feed(self, text: str) -> ParsedDelta:
-        out = ParsedDelta()
-        self._buf += text
-        self._run(out)
-        return out
-
-    def finish(self) -> ParsedDelta:
-        out = ParsedDelta()
-        self._run(out)
+    def _end(self, out: ParsedDelta) -> None:
         if self._state == "call":
             self._close_object(out)
         elif self._state in ("start", "text"):
             self._content(out, self._buf)
-        self._buf = ""
-        return out
 
     def _run(self, out: ParsedDelta) -> None:
         while self._buf:

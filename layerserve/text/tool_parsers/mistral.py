@@ -93,21 +93,11 @@ class MistralParser(JsonCallParser):
         super().__init__(id_factory)
         self._state = "text"  # text -> list -> call -> between -> call ... -> text
 
-    def feed(self, text: str) -> ParsedDelta:
-        out = ParsedDelta()
-        self._buf += text
-        self._run(out)
-        return out
-
-    def finish(self) -> ParsedDelta:
-        out = ParsedDelta()
-        self._run(out)
+    def _end(self, out: ParsedDelta) -> None:
         if self._state == "call":
             self._close_object(out)
         elif self._state == "text":
             self._flush_text(out)
-        self._buf = ""
-        return out
 
     def _run(self, out: ParsedDelta) -> None:
         while self._buf:
