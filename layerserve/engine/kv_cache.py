@@ -157,9 +157,3 @@ class KVCacheManager:
 
     def ref_count(self, block: int) -> int:
         return self._ref[block]
-
-    def reset_prefix_cache(self) -> None:
-        """Forget all cached contents (blocks stay allocated where in use)."""
-        for h, block in list(self._cached.items()):
-            self._hash[block] = None
-        self._cached.clear()

@@ -33,7 +33,6 @@ class SchedulerOutput:
     # n>1 children sample from their parent's row on the step the prompt completes.
     samples: list[tuple[Sequence, int]]
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks, copied after the forward
-    num_preempted: int = 0
 
     @property
     def num_batched_tokens(self) -> int:
@@ -62,7 +61,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        preempted = 0
+        preempted = False  # no admissions in a step that had to preempt
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -70,10 +69,10 @@ class Scheduler:
             need = self.kv.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_table)
             while need > self.kv.num_free_blocks and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
-                preempted += 1
+                preempted = True
             if need > self.kv.num_free_blocks:  # seq is the youngest itself
                 self._preempt(self.running.pop())
-                preempted += 1
+                preempted = True
                 break
             seq.block_table += self.kv.allocate(need)
             scheduled.append(ScheduledSeq(seq, num_new))
@@ -82,7 +81,7 @@ class Scheduler:
         if not preempted:
             budget = self._admit(scheduled, budget)
         samples, copies = self._samples_and_forks(scheduled)
-        return SchedulerOutput(scheduled, samples, copies, preempted)
+        return SchedulerOutput(scheduled, samples, copies)
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -24,7 +24,7 @@ class ModelRegistry:
         try:
             return self._classes[architecture]
         except KeyError:
-            known = ", ".join(sorted(self._classes))
+            known = ", ".join(self.names())
             raise ValueError(f"unsupported architecture {architecture!r} (supported: {known})") from None
 
     def names(self) -> list[str]:
