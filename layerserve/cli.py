@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from layerserve.text.tool_parsers import TOOL_FORMATS
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
           "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="disable reuse of cached KV for shared prompt prefixes (earlier turns)")
     serve.add_argument("--max-body-bytes", type=parse_size, default=_SERVER.max_body_bytes,
                        help="reject request bodies larger than this with 413, e.g. 16MiB")
+    serve.add_argument("--tool-call-format", default=None, choices=TOOL_FORMATS.names(),
+                       help="how the model writes tool calls; default: detected from its chat template, "
+                            "with 'generic' (tools described in the system prompt) for templates without tools")
     serve.add_argument("--log-level", default=_SERVER.log_level,
                        choices=["critical", "error", "warning", "info", "debug"], help="logging verbosity")
     return parser
@@ -102,7 +106,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     server = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LAYERSERVE_API_KEY") or None,
         served_model_name=args.served_model_name or default_served_name(args.model),
-        max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+        max_body_bytes=args.max_body_bytes, log_level=args.log_level, tool_call_format=args.tool_call_format,
     )
     return engine, server
 

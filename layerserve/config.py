@@ -65,4 +65,5 @@ class ServerConfig:
     max_messages: int = 2048  # messages in one chat request
     max_tools: int = 128  # tools in one chat request
     max_prompts: int = 256  # prompts in one legacy /v1/completions request
+    tool_call_format: str | None = None  # None: detected from the chat template (generic as fallback)
     log_level: str = "info"

@@ -18,7 +18,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from layerserve.api.chat_prompt import chat_prompt_ids
+from layerserve.api.chat_prompt import plan_request, render_prompt
+from layerserve.api.chat_turn import ChatChoice, ChatTurn, collect_chat, stream_delta
 from layerserve.api.connection import (
     DONE,
     STATUS_CLIENT_CLOSED,
@@ -31,7 +32,7 @@ from layerserve.api.connection import (
 from layerserve.api.errors import InvalidRequestError
 from layerserve.api.logprobs import TokenText, chat_logprobs
 from layerserve.api.protocol import ChatCompletionRequest, parse_request
-from layerserve.api.runs import Choice, Run, Usage, collect, finish_reason
+from layerserve.api.runs import Usage
 from layerserve.api.sampling import sampling_params
 from layerserve.api.state import Runtime, server_state
 
@@ -99,7 +100,8 @@ async def create_chat_completion(request: Request) -> Response:
     req = parse_request(ChatCompletionRequest, await request.body())
     params = sampling_params(req, max_tokens=completion_budget(req), logprobs=logprobs_setting(req),
                              max_n=state.max_n, vocab_size=rt.tokenizer.vocab_size)
-    prompt_ids = await chat_prompt_ids(req, rt, state.config)
+    plan = plan_request(req, rt, state.config)
+    prompt_ids = await render_prompt(plan, rt, req.chat_template_kwargs)
     options = req.stream_options
     ctx = ChatContext(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.config.served_model_name,
@@ -107,51 +109,43 @@ async def create_chat_completion(request: Request) -> Response:
         include_usage=bool(options and options.include_usage), obfuscate=bool(options and options.include_obfuscation),
         service_tier=req.service_tier, token_text=rt.token_text,
     )
-    run = Run(rt.engine, ctx.id, prompt_ids, params)
+    turn = ChatTurn(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs)
     if req.stream:
-        return EventStreamResponse(chat_events(ctx, run), on_close=run.close)
+        return EventStreamResponse(chat_events(ctx, turn), on_close=turn.close)
     try:
-        choices, usage = await until_disconnect(request.receive, collect([run], ctx.n))
+        choices = await until_disconnect(request.receive, collect_chat(turn, ctx.n))
     except ClientDisconnected:
         return Response(status_code=STATUS_CLIENT_CLOSED)
     finally:
-        run.close()
-    return JSONResponse(chat_response(ctx, choices, usage))
+        turn.close()
+    return JSONResponse(chat_response(ctx, choices, turn.usage))
 
 
-def chat_response(ctx: ChatContext, choices: list[Choice], usage: Usage) -> dict[str, Any]:
+def chat_response(ctx: ChatContext, choices: list[ChatChoice], usage: Usage) -> dict[str, Any]:
     body = ctx.head("chat.completion")
     body["choices"] = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": c.text, "refusal": None},
-            "logprobs": ctx.logprobs(c.logprobs),
-            "finish_reason": c.finish_reason,
-        }
+        {"index": i, "message": c.message(), "logprobs": ctx.logprobs(c.logprobs), "finish_reason": c.finish_reason}
         for i, c in enumerate(choices)
     ]
     body["usage"] = usage.as_dict()
     return body
 
 
-async def chat_events(ctx: ChatContext, run: Run) -> AsyncIterator[str]:
+async def chat_events(ctx: ChatContext, turn: ChatTurn) -> AsyncIterator[str]:
     yield "".join(
         ctx.chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
         for i in range(ctx.n)
     )
-    usage = Usage()
     try:
-        async for out in run:
+        async for batch in turn.events():
             events = []
-            for d in out.deltas:
-                if d.text or (ctx.with_logprobs and d.logprobs):
-                    events.append(ctx.chunk({"index": d.index, "delta": {"content": d.text},
-                                             "logprobs": ctx.logprobs(d.logprobs), "finish_reason": None}))
-                if d.finish_reason is not None:
-                    events.append(ctx.chunk({"index": d.index, "delta": {}, "logprobs": None,
-                                             "finish_reason": finish_reason(d.finish_reason)}))
-            if out.finished:
-                usage.add(out)
+            for e in batch:
+                if e.content or e.tool_calls or (ctx.with_logprobs and e.logprobs):
+                    events.append(ctx.chunk({"index": e.index, "delta": stream_delta(e),
+                                             "logprobs": ctx.logprobs(e.logprobs), "finish_reason": None}))
+                if e.finish_reason is not None:
+                    events.append(ctx.chunk({"index": e.index, "delta": {}, "logprobs": None,
+                                             "finish_reason": e.finish_reason}))
             if events:
                 yield "".join(events)
     except Exception as exc:  # the headers are out: report in-band, then end the stream
@@ -160,6 +154,6 @@ async def chat_events(ctx: ChatContext, run: Run) -> AsyncIterator[str]:
     if ctx.include_usage:
         body = ctx.head("chat.completion.chunk")
         body["choices"] = []
-        body["usage"] = usage.as_dict()
+        body["usage"] = turn.usage.as_dict()
         yield sse_event(body)
     yield DONE

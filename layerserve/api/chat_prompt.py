@@ -1,12 +1,16 @@
-"""A chat request -> prompt token ids: check what we cannot honour, then render the model's template.
+"""A chat request -> a `ChatPlan` (layerserve.text.tools) -> prompt token ids and sampling params.
 
+Checks what we cannot honour, plans tools and response_format, then renders the model's template.
 The prompt is `tokenizer.encode(template.render(messages, tools), add_special_tokens=False)`:
 the template itself writes BOS where the model wants one.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
+
+from pydantic import BaseModel
 
 from layerserve.api.errors import InvalidRequestError, NotSupportedError
 from layerserve.api.protocol import (
@@ -15,14 +19,15 @@ from layerserve.api.protocol import (
     CustomTool,
     FunctionMessage,
     NamedCustomToolChoice,
-    NamedToolChoice,
-    AllowedToolsChoice,
     RefusalPart,
     TextPart,
     ToolMessage,
 )
 from layerserve.api.state import Runtime
 from layerserve.config import ServerConfig
+from layerserve.engine.request import SamplingParams
+from layerserve.model.guided import GrammarError
+from layerserve.text.tools import ChatPlan, ToolRequestError, plan_chat
 
 # Request fields this server cannot honour: rejected when set (to anything but these values).
 _UNSUPPORTED: dict[str, tuple[object, ...]] = {
@@ -106,47 +111,76 @@ def template_messages(messages: list, config: ServerConfig) -> list[dict[str, An
     return out
 
 
-def template_tools(req: ChatCompletionRequest, config: ServerConfig) -> list[dict[str, Any]] | None:
-    """Tool schemas for the template (None when there are none, or tool_choice is 'none')."""
-    choice = req.tool_choice
+def check_tools(req: ChatCompletionRequest, config: ServerConfig) -> None:
+    """What pydantic cannot say about tools: non-empty, within limits, function tools only.
+    (tool_choice names and parameter schemas are checked by `plan_chat`.)"""
     if not req.tools:
         if req.tools is not None:
             raise InvalidRequestError("Invalid 'tools': empty array. Expected an array with at least one tool.", "tools")
-        if choice is not None and choice != "none":
+        if req.tool_choice is not None and req.tool_choice != "none":
             raise InvalidRequestError("'tool_choice' is only allowed when 'tools' are specified.", "tool_choice")
         if req.parallel_tool_calls is not None:
             raise InvalidRequestError("'parallel_tool_calls' is only allowed when 'tools' are specified.",
                                       "parallel_tool_calls")
-        return None
+        return
     if len(req.tools) > config.max_tools:
         raise InvalidRequestError(f"Too many tools: {len(req.tools)} (the limit is {config.max_tools}).", "tools")
-    names = set()
     for i, tool in enumerate(req.tools):
         if isinstance(tool, CustomTool):
             raise NotSupportedError("Custom tools are not supported; use function tools.", f"tools[{i}]")
-        names.add(tool.function.name)
-    if isinstance(choice, NamedCustomToolChoice):
+    if isinstance(req.tool_choice, NamedCustomToolChoice):
         raise NotSupportedError("Custom tools are not supported; use function tools.", "tool_choice")
-    wanted = []
-    if isinstance(choice, NamedToolChoice):
-        wanted = [choice.function.name]
-    elif isinstance(choice, AllowedToolsChoice):
-        wanted = [str((t.get("function") or {}).get("name")) for t in choice.allowed_tools.tools]
-    for name in wanted:
-        if name not in names:
-            raise InvalidRequestError(f"Invalid 'tool_choice': no function named {name!r} in 'tools'.", "tool_choice")
-    if choice == "none":
-        return None
-    return [tool.model_dump(exclude_none=True, by_alias=True) for tool in req.tools]
 
 
-async def chat_prompt_ids(req: ChatCompletionRequest, rt: Runtime, config: ServerConfig) -> list[int]:
+def _plain(value: Any) -> Any:
+    """A pydantic value as the plain JSON data the tool layer takes."""
+    return value.model_dump(exclude_none=True, by_alias=True) if isinstance(value, BaseModel) else value
+
+
+def plan_request(req: ChatCompletionRequest, rt: Runtime, config: ServerConfig) -> ChatPlan:
+    """Validate a chat request and plan it: what the template renders, the output constraint
+    (tools, response_format) and how the output is parsed. Every problem is a 400."""
     check_unsupported(req)
     messages = template_messages(req.messages, config)
-    tools = template_tools(req, config)
+    check_tools(req, config)
     extra = req.chat_template_kwargs or {}
     clash = _TEMPLATE_RESERVED.intersection(extra)
     if clash:
         raise InvalidRequestError(f"'chat_template_kwargs' may not set {sorted(clash)}.", "chat_template_kwargs")
-    text = rt.template.render(messages, tools=tools, add_generation_prompt=True, **extra)
+    try:
+        return plan_chat(
+            rt.tool_format,
+            messages,
+            tools=[_plain(t) for t in req.tools] if req.tools else None,
+            tool_choice=_plain(req.tool_choice),
+            parallel_tool_calls=req.parallel_tool_calls,
+            response_format=_plain(req.response_format),
+        )
+    except ToolRequestError as exc:
+        raise InvalidRequestError(exc.message, exc.param) from None
+
+
+async def render_prompt(plan: ChatPlan, rt: Runtime, extra: dict[str, Any] | None) -> list[int]:
+    """The prompt token ids of one planned request."""
+    text = rt.template.render(plan.messages, tools=plan.tools, add_generation_prompt=True, **(extra or {}))
     return await rt.encode(text, add_special_tokens=False, param="messages")
+
+
+def constrained(plan: ChatPlan, params: SamplingParams, rt: Runtime) -> SamplingParams:
+    """The request's sampling params adapted to a plan: its grammar, special tokens kept for
+    parsers that need them, greedy routing, and no user stop strings inside routing markup."""
+    changes: dict[str, Any] = {}
+    if plan.constraint is not None:
+        try:
+            changes["logits_mask_factory"] = rt.grammars.compile(plan.constraint)
+        except GrammarError as exc:
+            raise InvalidRequestError(f"The tools or response_format cannot be compiled to a grammar: {exc}",
+                                      "response_format" if plan.format is None else "tools") from None
+    if plan.keep_special_tokens:
+        changes["skip_special_tokens"] = False
+    if plan.greedy:
+        changes["temperature"] = 0.0
+    if plan.routes_only:
+        changes["stop"] = []
+        changes["logprobs"] = None
+    return replace(params, **changes) if changes else params

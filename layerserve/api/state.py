@@ -16,7 +16,9 @@ from layerserve.api.logprobs import TokenText
 from layerserve.config import EngineConfig, ServerConfig
 from layerserve.engine.async_engine import AsyncEngine
 from layerserve.engine.builder import EngineInfo
+from layerserve.model.guided import GrammarCompiler
 from layerserve.text.chat_template import ChatTemplate
+from layerserve.text.tool_parsers import TOOL_FORMATS, ToolFormat
 
 log = logging.getLogger("layerserve.api")
 
@@ -42,6 +44,8 @@ class Runtime:
     token_text: TokenText
     fingerprint: str  # system_fingerprint: changes when the weights or dtype change
     max_token_bytes: int  # the longest token's length in bytes
+    tool_format: ToolFormat  # how this model calls tools (from its chat template)
+    grammars: GrammarCompiler  # constrained decoding: tool calls, response_format
 
     @property
     def tokenizer(self):
@@ -101,9 +105,11 @@ class ServerState:
             log.exception("loading the model failed")
             return
         digest = hashlib.sha256(f"{info.model_path}|{info.dtype}|{info.model_config}".encode()).hexdigest()
-        self.runtime = Runtime(engine, info, template, TokenText(tokenizer), f"fp_{digest[:10]}", max_token_bytes)
-        log.info("model loaded in %.1fs: %s (%s, max_model_len %d, %d KV blocks)", info.load_seconds,
-                 info.model_path, info.dtype, info.max_model_len, info.num_blocks)
+        tool_format = TOOL_FORMATS.for_tokenizer(tokenizer, self.config.tool_call_format)
+        self.runtime = Runtime(engine, info, template, TokenText(tokenizer), f"fp_{digest[:10]}", max_token_bytes,
+                               tool_format, GrammarCompiler(tokenizer))
+        log.info("model loaded in %.1fs: %s (%s, max_model_len %d, %d KV blocks, tool format %s)",
+                 info.load_seconds, info.model_path, info.dtype, info.max_model_len, info.num_blocks, tool_format.name)
 
     def _build(self, loader: EngineLoader) -> tuple:
         core, info = loader(self.engine_config)

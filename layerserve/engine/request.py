@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class FinishReason(str, enum.Enum):
@@ -28,8 +28,9 @@ class LogitsMask(Protocol):
     """Per-sequence constraint (grammar). The sampler asks for the allowed tokens before each
     sample and reports the chosen token afterwards."""
 
-    def allowed_token_ids(self) -> list[int] | None:
-        """Token ids allowed next, or None when anything is allowed."""
+    def allowed_mask(self) -> Any:
+        """A (V,) bool torch tensor, True where a token may come next (V may be smaller than the
+        model's padded vocabulary: ids past it are never allowed); None when anything is allowed."""
 
     def accept(self, token_id: int) -> None:
         """Advance the constraint by the token that was sampled."""

@@ -150,15 +150,15 @@ class ModelRunner:
                 seen[i, torch.tensor(s.token_ids)] = True
             b.seen_mask = seen
             b.repetition = torch.tensor([p.repetition_penalty for p in ps])
-        masks = [s.logits_mask.allowed_token_ids() if s.logits_mask is not None else None for s in seqs]
+        masks = [s.logits_mask.allowed_mask() if s.logits_mask is not None else None for s in seqs]
         if any(p.logit_bias for p in ps) or any(m is not None for m in masks):
             bias = torch.zeros(n, vocab)
             for i, (p, allowed) in enumerate(zip(ps, masks)):
                 if p.logit_bias:
                     bias[i, torch.tensor(list(p.logit_bias))] = torch.tensor(list(p.logit_bias.values()))
-                if allowed is not None:
-                    forbid = torch.full((vocab,), float("-inf"))
-                    forbid[torch.tensor(allowed, dtype=torch.long)] = 0.0
-                    bias[i] += forbid
+                if allowed is not None:  # a bool tensor over the tokenizer's vocabulary
+                    k = allowed.shape[0]
+                    bias[i, :k].masked_fill_(~allowed, float("-inf"))
+                    bias[i, k:] = float("-inf")
             b.bias = bias
         return b

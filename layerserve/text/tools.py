@@ -69,6 +69,12 @@ class ChatPlan:
     answer: ChatPlan | None = None
     greedy: bool = False  # sample this request greedily (temperature 0) whatever was asked
 
+    @property
+    def routes_only(self) -> bool:
+        """The output only routes (tool calls, or "answer in text"); a separate request writes
+        any text answer, so the output itself is never content."""
+        return self.format is not None and self.format.separate_answer
+
     def new_parser(self, id_factory: Callable[[], str] = new_call_id) -> ToolCallParser | None:
         """A streaming parser for one choice's output, or None when the output is plain content."""
         if self.format is None:

@@ -1,0 +1,168 @@
+"""One chat request's generation, tools included: engine outputs -> per-choice events.
+
+A plain request is one engine request whose text is content. With tools, each choice's text goes
+through its format's streaming parser (layerserve.text.tool_parsers), which splits it into
+content and tool-call deltas and never lets call markup through. Formats that only route in the
+first request (`ChatPlan.routes_only`, the generic format) may decide to answer in text: those
+choices then get their text from one follow-up request (`ChatPlan.answer`, n = the number of
+such choices), whose prompt is mostly a prefix-cache hit.
+
+Both the JSON response and the SSE stream are built from the same `ChoiceEvent`s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from layerserve.api.chat_prompt import constrained, render_prompt
+from layerserve.api.runs import Run, Usage, finish_reason
+from layerserve.api.state import Runtime
+from layerserve.engine.request import CompletionDelta, SamplingParams, TokenLogprob
+from layerserve.text.tool_parsers import ParsedDelta, ToolCallDelta, ToolCallParser
+from layerserve.text.tools import ChatPlan
+
+
+@dataclass(slots=True)
+class ChoiceEvent:
+    """What one choice produced since its last event."""
+
+    index: int
+    content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+class ChatTurn:
+    """Owns the engine requests of one chat completion; `close()` aborts whatever still runs.
+
+    The first engine request starts in the constructor, so a request the engine refuses (too
+    long for the context) fails before any response header is sent."""
+
+    def __init__(self, rt: Runtime, request_id: str, plan: ChatPlan, params: SamplingParams,
+                 prompt_ids: list[int], template_kwargs: dict[str, Any] | None) -> None:
+        self._rt = rt
+        self._request_id = request_id
+        self._plan = plan
+        self._params = params
+        self._template_kwargs = template_kwargs
+        self.usage = Usage()
+        self._runs = [Run(rt.engine, request_id, prompt_ids, constrained(plan, params, rt))]
+        self._parsers: list[ToolCallParser | None] = [plan.new_parser() for _ in range(params.n)]
+
+    def close(self) -> None:
+        for run in self._runs:
+            run.close()
+
+    async def events(self) -> AsyncIterator[list[ChoiceEvent]]:
+        """Batches of events, one batch per engine step that produced something."""
+        answering: list[int] = []  # choices whose text comes from the answer request
+        async for out in self._runs[0]:
+            batch = [e for d in out.deltas for e in self._first_events(d, answering)]
+            if out.finished:
+                self.usage.add(out)
+            if batch:
+                yield batch
+        if answering:
+            async for batch in self._answer(answering):
+                yield batch
+
+    def _first_events(self, d: CompletionDelta, answering: list[int]) -> list[ChoiceEvent]:
+        parser = self._parsers[d.index]
+        if parser is None:
+            reason = finish_reason(d.finish_reason) if d.finish_reason is not None else None
+            return [ChoiceEvent(d.index, d.text, logprobs=d.logprobs, finish_reason=reason)]
+        parsed = parser.feed(d.text)
+        events = [_event(d.index, parsed, d.logprobs)]
+        if d.finish_reason is None:
+            return events
+        events.append(_event(d.index, parser.finish(), None))
+        if parser.needs_answer and self._plan.answer is not None:
+            answering.append(d.index)
+        else:
+            reason = finish_reason(d.finish_reason)
+            events[-1].finish_reason = "tool_calls" if parser.tool_calls and reason == "stop" else reason
+        return events
+
+    async def _answer(self, choices: list[int]) -> AsyncIterator[list[ChoiceEvent]]:
+        plan = self._plan.answer
+        assert plan is not None
+        prompt_ids = await render_prompt(plan, self._rt, self._template_kwargs)
+        params = replace(constrained(plan, self._params, self._rt), n=len(choices))
+        run = Run(self._rt.engine, f"{self._request_id}-answer", prompt_ids, params)
+        self._runs.append(run)
+        async for out in run:
+            batch = [
+                ChoiceEvent(choices[d.index], d.text, logprobs=d.logprobs,
+                            finish_reason=finish_reason(d.finish_reason) if d.finish_reason is not None else None)
+                for d in out.deltas
+            ]
+            if out.finished:
+                self.usage.add(out)
+            if batch:
+                yield batch
+
+
+def _event(index: int, parsed: ParsedDelta, logprobs: list[TokenLogprob] | None) -> ChoiceEvent:
+    return ChoiceEvent(index, parsed.content, parsed.tool_calls, logprobs)
+
+
+@dataclass(slots=True)
+class ChatChoice:
+    """A finished choice of a non-streamed response, accumulated from its events."""
+
+    content: str = ""
+    calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's message.tool_calls
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, event: ChoiceEvent) -> None:
+        self.content += event.content
+        if event.logprobs:
+            self.logprobs += event.logprobs
+        for delta in event.tool_calls:
+            if delta.index == len(self.calls):
+                self.calls.append({"id": delta.id, "type": "function",
+                                   "function": {"name": delta.name, "arguments": ""}})
+            self.calls[delta.index]["function"]["arguments"] += delta.arguments
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+
+    def message(self) -> dict[str, Any]:
+        """OpenAI's assistant message: content is null when only calls were made."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.content, "refusal": None}
+        if self.calls:
+            message["content"] = self.content or None
+            message["tool_calls"] = self.calls
+        return message
+
+
+async def collect_chat(turn: ChatTurn, n: int) -> list[ChatChoice]:
+    choices = [ChatChoice() for _ in range(n)]
+    async for batch in turn.events():
+        for event in batch:
+            choices[event.index].add(event)
+    return choices
+
+
+def stream_delta(event: ChoiceEvent) -> dict[str, Any]:
+    """The `delta` of an SSE chunk: content and/or tool-call pieces, as OpenAI streams them
+    (a call's first piece has its id, type and name; later pieces only argument text)."""
+    delta: dict[str, Any] = {}
+    if event.content or not event.tool_calls:
+        delta["content"] = event.content
+    if event.tool_calls:
+        calls = []
+        for piece in event.tool_calls:
+            call: dict[str, Any] = {"index": piece.index}
+            function: dict[str, Any] = {"arguments": piece.arguments}
+            if piece.id is not None:
+                call["id"] = piece.id
+                call["type"] = "function"
+                function = {"name": piece.name, "arguments": piece.arguments}
+            call["function"] = function
+            calls.append(call)
+        delta["tool_calls"] = calls
+    return delta
