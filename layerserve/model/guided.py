@@ -8,10 +8,10 @@ compiles them once. `compiler.compile(constraint)` (a `Constraint` planned by th
 `LogitsMask`) per sample.
 
 Masks are computed by llguidance into a packed bitmask (one bit per token, 32 per int32 word):
-~0.1 ms per token on the default model's 49k vocabulary. `GrammarMask.allowed_mask()` unpacks it
-to a bool tensor for `masked_fill` (~0.05 ms more), `fill_bitmask()` writes the packed words into a
-caller's buffer; `allowed_token_ids()` (a Python list, the generic protocol) costs 3-10 ms when
-most tokens are allowed (free text), more than the mask itself by far.
+~0.1 ms per token on the default model's 49k vocabulary. `GrammarMask.allowed_mask()` (the engine's
+`LogitsMask` protocol) unpacks it to a bool tensor for `masked_fill` (~0.05 ms more);
+`fill_bitmask()` writes the packed words into a caller's buffer; `allowed_token_ids()` is a
+convenience for tests (a Python list: 3-10 ms when most tokens are allowed, never per step).
 
 End of sequence: the llguidance tokenizer is told the model's EOS ids, so the mask allows them
 exactly when the grammar is in an accepting state, and `is_finished()` turns true once the grammar

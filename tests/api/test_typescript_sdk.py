@@ -27,9 +27,18 @@ def node_sdk() -> str:
     return node
 
 
-def test_typescript_sdk(server, node_sdk):
-    result = subprocess.run([node_sdk, "sdk_check.mjs"], cwd=TS_DIR, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "BASE_URL": server.v1})
+def run_script(node: str, script: str, base_url: str) -> dict:
+    result = subprocess.run([node, script], cwd=TS_DIR, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "BASE_URL": base_url})
     assert result.returncode == 0, f"node failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_typescript_sdk(server, node_sdk):
+    summary = run_script(node_sdk, "sdk_check.mjs", server.v1)
     assert summary["ok"] and summary["streamedChars"] > 0
+
+
+def test_typescript_sdk_tool_round_trip(server, node_sdk):
+    summary = run_script(node_sdk, "tools_check.mjs", server.v1)
+    assert summary["ok"] and summary["answerChars"] > 0 and summary["streamedCalls"] == 1
