@@ -38,6 +38,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def _float_at_least(low: float, strict: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < low or (strict and value == low) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}: {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_at_least(0.0, strict=True)
+_nonnegative_float = _float_at_least(0.0, strict=False)
+
+
 def default_served_name(model: str | None) -> str:
     if not model or model in _DEFAULT_NAMES:
         return "SmolLM2-135M-Instruct"
@@ -87,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="disable reuse of cached KV for shared prompt prefixes (earlier turns)")
     serve.add_argument("--max-body-bytes", type=parse_size, default=_SERVER.max_body_bytes,
                        help="reject request bodies larger than this with 413, e.g. 16MiB")
+    serve.add_argument("--max-queued-requests", type=_nonnegative_int, default=_SERVER.max_queued_requests,
+                       help="requests that may wait beyond the --max-num-seqs running ones; past it new requests "
+                            "get 429 with Retry-After")
+    serve.add_argument("--request-timeout", type=_positive_float, default=None,
+                       help="seconds a request may run before it is stopped (408, or an error event in a stream); "
+                            "default: no bound but the client's own (the OpenAI SDKs announce theirs)")
+    serve.add_argument("--shutdown-timeout", type=_nonnegative_float, default=_SERVER.shutdown_timeout,
+                       help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before exiting")
+    serve.add_argument("--log-prompts", action="store_true",
+                       help="include prompt text in the per-request log line (off: only ids, counts, timings)")
     serve.add_argument("--tool-call-format", default=None, choices=TOOL_FORMATS.names(),
                        help="how the model writes tool calls; default: detected from its chat template, "
                             "with 'generic' (tools described in the system prompt) for templates without tools")
@@ -107,6 +141,8 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LAYERSERVE_API_KEY") or None,
         served_model_name=args.served_model_name or default_served_name(args.model),
         max_body_bytes=args.max_body_bytes, log_level=args.log_level, tool_call_format=args.tool_call_format,
+        max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+        shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
     )
     return engine, server
 
@@ -115,6 +151,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from layerserve.api.app import build_app
+    from layerserve.api.server import DrainingServer
     from layerserve.model_files import resolve_model_path
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -125,8 +162,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     engine_config, server_config = configs(args)
     app = build_app(engine_config, server_config)
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-                timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
+                            access_log=False, timeout_graceful_shutdown=server_config.shutdown_timeout)
+    DrainingServer(config, app.state.server).run()
     return 0
 
 

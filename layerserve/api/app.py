@@ -16,6 +16,7 @@ from layerserve.api import chat, completions, info, tokenize
 from layerserve.api.auth import ApiKeyCheck
 from layerserve.api.errors import install_error_handlers
 from layerserve.api.limits import BodySizeLimit
+from layerserve.api.observe import AccessLog
 from layerserve.api.state import EngineLoader, ServerState
 from layerserve.config import EngineConfig, ServerConfig
 
@@ -60,5 +61,6 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
         app.add_api_route(path, endpoint, methods=[method], dependencies=protected)
     for path in ("/health", "/v1/health"):
         app.add_api_route(path, info.health, methods=["GET"])
-    app.add_api_route("/metrics", info.metrics_endpoint(state), methods=["GET"])
+    app.add_api_route("/metrics", state.observability.metrics_endpoint, methods=["GET"])
+    app.add_middleware(AccessLog, metrics=state.metrics)  # outermost: sees every status, 413s included
     return app

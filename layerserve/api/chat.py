@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from layerserve.api.admission import request_timeout
 from layerserve.api.chat_prompt import plan_request, render_prompt
 from layerserve.api.chat_turn import ChatChoice, ChatTurn, collect_chat, stream_delta
 from layerserve.api.connection import (
@@ -31,6 +32,7 @@ from layerserve.api.connection import (
 )
 from layerserve.api.errors import InvalidRequestError
 from layerserve.api.logprobs import TokenText, chat_logprobs
+from layerserve.api.observe import log_fields
 from layerserve.api.protocol import ChatCompletionRequest, parse_request
 from layerserve.api.runs import Usage
 from layerserve.api.sampling import sampling_params
@@ -109,15 +111,31 @@ async def create_chat_completion(request: Request) -> Response:
         include_usage=bool(options and options.include_usage), obfuscate=bool(options and options.include_obfuscation),
         service_tier=req.service_tier, token_text=rt.token_text,
     )
-    turn = ChatTurn(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs)
-    if req.stream:
-        return EventStreamResponse(chat_events(ctx, turn), on_close=turn.close)
+    fields = log_fields(request)
+    fields["id"] = ctx.id
+    if state.config.log_prompts:
+        fields["prompt"] = json.dumps(rt.tokenizer.decode(prompt_ids, skip_special_tokens=False)[-2000:])
+    timeout = request_timeout(request, state.config.request_timeout)
+    ticket = state.admission.admit()  # 429 when the queue is full
     try:
-        choices = await until_disconnect(request.receive, collect_chat(turn, ctx.n))
+        turn = ChatTurn(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs, state.metrics)
+    except BaseException:
+        ticket.release()
+        raise
+
+    def close() -> None:
+        turn.close()
+        ticket.release()
+        fields.update(turn.log_fields())
+
+    if req.stream:
+        return EventStreamResponse(chat_events(ctx, turn), on_close=close, timeout=timeout)
+    try:
+        choices = await until_disconnect(request.receive, collect_chat(turn, ctx.n), timeout)
     except ClientDisconnected:
         return Response(status_code=STATUS_CLIENT_CLOSED)
     finally:
-        turn.close()
+        close()
     return JSONResponse(chat_response(ctx, choices, turn.usage))
 
 
@@ -149,7 +167,7 @@ async def chat_events(ctx: ChatContext, turn: ChatTurn) -> AsyncIterator[str]:
             if events:
                 yield "".join(events)
     except Exception as exc:  # the headers are out: report in-band, then end the stream
-        yield error_event(exc)
+        yield error_event(exc)  # ends with [DONE]
         return
     if ctx.include_usage:
         body = ctx.head("chat.completion.chunk")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from layerserve.api.chat_prompt import constrained, render_prompt
+from layerserve.api.observe import RequestMetrics
 from layerserve.api.runs import Run, Usage, finish_reason
 from layerserve.api.state import Runtime
 from layerserve.engine.request import CompletionDelta, SamplingParams, TokenLogprob
@@ -42,19 +43,28 @@ class ChatTurn:
     long for the context) fails before any response header is sent."""
 
     def __init__(self, rt: Runtime, request_id: str, plan: ChatPlan, params: SamplingParams,
-                 prompt_ids: list[int], template_kwargs: dict[str, Any] | None) -> None:
+                 prompt_ids: list[int], template_kwargs: dict[str, Any] | None,
+                 metrics: RequestMetrics | None = None) -> None:
         self._rt = rt
+        self._metrics = metrics
         self._request_id = request_id
         self._plan = plan
         self._params = params
         self._template_kwargs = template_kwargs
         self.usage = Usage()
-        self._runs = [Run(rt.engine, request_id, prompt_ids, constrained(plan, params, rt))]
+        self._runs = [Run(rt.engine, request_id, prompt_ids, constrained(plan, params, rt), metrics)]
         self._parsers: list[ToolCallParser | None] = [plan.new_parser() for _ in range(params.n)]
 
     def close(self) -> None:
         for run in self._runs:
             run.close()
+
+    def log_fields(self) -> dict[str, Any]:
+        """For the request's log line: tokens and time to first token (of the first request)."""
+        ttft = self._runs[0].ttft
+        return {"prompt_tokens": self.usage.prompt_tokens, "completion_tokens": self.usage.completion_tokens,
+                "cached_tokens": self.usage.cached_tokens,
+                "ttft_ms": f"{ttft * 1000:.1f}" if ttft is not None else "-", "engine_requests": len(self._runs)}
 
     async def events(self) -> AsyncIterator[list[ChoiceEvent]]:
         """Batches of events, one batch per engine step that produced something."""
@@ -91,7 +101,7 @@ class ChatTurn:
         assert plan is not None
         prompt_ids = await render_prompt(plan, self._rt, self._template_kwargs)
         params = replace(constrained(plan, self._params, self._rt), n=len(choices))
-        run = Run(self._rt.engine, f"{self._request_id}-answer", prompt_ids, params)
+        run = Run(self._rt.engine, f"{self._request_id}-answer", prompt_ids, params, self._metrics)
         self._runs.append(run)
         async for out in run:
             batch = [

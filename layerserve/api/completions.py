@@ -28,6 +28,8 @@ from layerserve.api.connection import (
 from layerserve.api.errors import InvalidRequestError, NotSupportedError
 from layerserve.api.logprobs import completion_logprobs
 from layerserve.api.protocol import CompletionRequest, parse_request
+from layerserve.api.admission import request_timeout
+from layerserve.api.observe import log_fields
 from layerserve.api.runs import Choice, Run, Usage, close_all, collect, finish_reason, merged, start_runs
 from layerserve.api.sampling import sampling_params
 from layerserve.api.state import Runtime, ServerState, server_state
@@ -123,15 +125,33 @@ async def create_completion(request: Request) -> Response:
     ctx = make_context(state, rt, req, prompts, params.n, params.logprobs)
     if max_tokens == 0:
         return empty_completion(ctx, rt, prompts, bool(req.stream))
-    runs = start_runs(rt.engine, ctx.id, prompts, params)
-    if req.stream:
-        return EventStreamResponse(completion_events(ctx, runs), on_close=lambda: close_all(runs))
+    fields = log_fields(request)
+    fields["id"] = ctx.id
+    timeout = request_timeout(request, state.config.request_timeout)
+    ticket = state.admission.admit()  # 429 when the queue is full
     try:
-        choices, usage = await until_disconnect(request.receive, collect(runs, ctx.n))
+        runs = start_runs(rt.engine, ctx.id, prompts, params, state.metrics)
+    except BaseException:
+        ticket.release()
+        raise
+
+    def close() -> None:
+        close_all(runs)
+        ticket.release()
+        ttft = runs[0].ttft
+        fields.update(prompt_tokens=sum(len(ids) for ids in prompts),
+                      ttft_ms=f"{ttft * 1000:.1f}" if ttft is not None else "-")
+
+    if req.stream:
+        return EventStreamResponse(completion_events(ctx, runs), on_close=close, timeout=timeout)
+    try:
+        choices, usage = await until_disconnect(request.receive, collect(runs, ctx.n), timeout)
     except ClientDisconnected:
         return Response(status_code=STATUS_CLIENT_CLOSED)
     finally:
-        close_all(runs)
+        close()
+    fields["completion_tokens"] = usage.completion_tokens
+    fields["cached_tokens"] = usage.cached_tokens
     return JSONResponse(completion_response(ctx, choices, usage))
 
 
@@ -193,7 +213,7 @@ async def completion_events(ctx: CompletionContext, runs: list[Run]) -> AsyncIte
             if events:
                 yield "".join(events)
     except Exception as exc:  # the headers are out: report in-band, then end the stream
-        yield error_event(exc)
+        yield error_event(exc)  # ends with [DONE]
         return
     if ctx.include_usage:
         yield sse_event({**ctx.head(), "choices": [], "usage": usage.as_dict()})

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from layerserve.api.errors import describe
+from layerserve.api.errors import RequestTimeoutError, describe
 
 log = logging.getLogger("layerserve.api")
 
@@ -36,11 +36,16 @@ def sse_event(payload: Any) -> str:
 
 
 def error_event(exc: BaseException) -> str:
-    """An error met after the stream started, reported in-band as OpenAI does (the SDKs raise it)."""
+    """An error met after the stream started, reported in-band as OpenAI does (the SDKs raise it),
+    then the stream's normal end, so clients that wait for [DONE] are not left hanging."""
     kind, body = describe(exc)
     if kind.status >= 500:
         log.error("stream failed", exc_info=exc)
-    return sse_event(body)
+    return sse_event(body) + DONE
+
+
+def timeout_error(seconds: float) -> RequestTimeoutError:
+    return RequestTimeoutError(f"The request did not finish within its timeout of {seconds:g} s and was stopped.")
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -57,21 +62,23 @@ async def _settle(*tasks: asyncio.Future) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (then ClientDisconnected).
-    Call only after the request body has been read."""
+async def until_disconnect(receive: Receive, work: Awaitable[T], timeout: float | None = None) -> T:
+    """Await `work`, cancelling it if the client disconnects first (then ClientDisconnected) or
+    `timeout` seconds pass (then RequestTimeoutError). Call only after the body has been read."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_for_disconnect(receive))
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((task, watcher), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         await _settle(task, watcher)
         raise
     if task.done():
         await _settle(watcher)
         return task.result()
-    await _settle(task)
-    raise ClientDisconnected()
+    await _settle(task, watcher)
+    if watcher.done() and not watcher.cancelled():
+        raise ClientDisconnected()
+    raise timeout_error(timeout or 0.0)
 
 
 class EventStreamResponse(Response):
@@ -84,9 +91,11 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None) -> None:
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None,
+                 timeout: float | None = None) -> None:
         self.events = events
         self.on_close = on_close
+        self.timeout = timeout  # seconds; past it the stream ends with an error event and [DONE]
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -94,8 +103,10 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         producer = asyncio.ensure_future(self._produce(send))
         watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        timed_out = False
         try:
-            await asyncio.wait((producer, watcher), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((producer, watcher), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED)
+            timed_out = not done
         finally:
             await _settle(producer, watcher)
             try:
@@ -103,7 +114,13 @@ class EventStreamResponse(Response):
             finally:
                 if self.on_close is not None:
                     self.on_close()
-        if producer.done() and not producer.cancelled() and producer.exception() is not None:
+        if timed_out:
+            body = error_event(timeout_error(self.timeout or 0.0)).encode("utf-8")
+            try:
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+            except OSError:
+                pass
+        elif producer.done() and not producer.cancelled() and producer.exception() is not None:
             log.error("event stream failed", exc_info=producer.exception())
 
     async def _produce(self, send: Send) -> None:

@@ -67,6 +67,22 @@ class EngineRequestError(APIError):
     """The engine failed while running the request (500)."""
 
 
+class TooManyRequestsError(APIError):
+    """The waiting queue is full (429, with a Retry-After header)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, None, "queue_full")
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(APIError):
+    """The request ran past its timeout and was stopped (408)."""
+
+
+class DrainingError(APIError):
+    """The server is shutting down and takes no new requests (503)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorKind:
     status: int
@@ -86,6 +102,9 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     AuthenticationError: ErrorKind(401, INVALID, "invalid_api_key"),
     NotFoundError: ErrorKind(404, INVALID),
     BodyTooLargeError: ErrorKind(413, INVALID, "request_too_large"),
+    TooManyRequestsError: ErrorKind(429, "rate_limit_error", "queue_full"),
+    RequestTimeoutError: ErrorKind(408, "timeout_error", "request_timeout"),
+    DrainingError: ErrorKind(503, "server_error", "shutting_down"),
     ModelNotReadyError: ErrorKind(503, "server_error", "model_not_ready"),
     EngineDeadError: ErrorKind(503, "server_error", "engine_unavailable"),
     EngineRequestError: ErrorKind(500, "server_error", "engine_error"),
@@ -126,9 +145,10 @@ def describe(exc: BaseException) -> tuple[ErrorKind, dict[str, Any]]:
 
 def error_response(exc: BaseException) -> JSONResponse:
     kind, body = describe(exc)
-    if kind.status >= 500 and not isinstance(exc, (ModelNotReadyError, EngineDeadError)):
+    if kind.status >= 500 and not isinstance(exc, (ModelNotReadyError, EngineDeadError, DrainingError)):
         log.error("internal error", exc_info=exc)
-    return JSONResponse(body, status_code=kind.status)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequestsError) else None
+    return JSONResponse(body, status_code=kind.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,11 +8,13 @@ iterator was never started, which the engine's own iterator cannot notice.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from layerserve.api.errors import EngineRequestError
+from layerserve.api.observe import RequestMetrics
 from layerserve.engine.async_engine import AsyncEngine
 from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
@@ -20,16 +22,29 @@ FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 
 class Run:
-    def __init__(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    """One engine request as the HTTP layer sees it; reports its timings and tokens to `metrics`."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 metrics: RequestMetrics | None = None) -> None:
         self.engine = engine
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.finished = False
+        self.metrics = metrics
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self._last_token_at = 0.0
+        self._tokens = 0
         self._outputs = engine.add_request(request_id, prompt_ids, params)  # may raise InvalidRequest
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
             async for out in self._outputs:
+                self._observe(out)
                 if out.error is not None:
                     self.finished = True
                     raise EngineRequestError(f"The engine failed while generating: {out.error}")
@@ -38,10 +53,34 @@ class Run:
         finally:
             await self._outputs.aclose()
 
+    def _observe(self, out: RequestOutput) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        now = time.monotonic()
+        new = out.completion_tokens - self._tokens
+        if new > 0:
+            self._tokens = out.completion_tokens
+            m.generation_tokens.inc(new)
+            if self.first_token_at is None:
+                self.first_token_at = now
+                m.ttft.observe(now - self.started)
+            else:
+                m.itl.observe(now - self._last_token_at)
+            self._last_token_at = now
+        if out.finished:
+            m.prompt_tokens.inc(out.prompt_tokens)
+            m.e2e.observe(now - self.started)
+            reasons = [d.finish_reason for d in out.deltas if d.finish_reason is not None]
+            reason = "error" if out.error is not None else (reasons[-1].value if reasons else "stop")
+            m.request_success.labels(reason).inc()
+
     def close(self) -> None:
         if not self.finished:
             self.finished = True
             self.engine.abort(self.request_id)
+            if self.metrics is not None:
+                self.metrics.aborted.inc()
 
 
 def close_all(runs: list[Run]) -> None:
@@ -49,12 +88,13 @@ def close_all(runs: list[Run]) -> None:
         run.close()
 
 
-def start_runs(engine: AsyncEngine, base_id: str, prompts: list[list[int]], params: SamplingParams) -> list[Run]:
+def start_runs(engine: AsyncEngine, base_id: str, prompts: list[list[int]], params: SamplingParams,
+               metrics: RequestMetrics | None = None) -> list[Run]:
     """One Run per prompt; if a later prompt is rejected, the earlier ones are aborted."""
     runs: list[Run] = []
     try:
         for i, prompt_ids in enumerate(prompts):
-            runs.append(Run(engine, base_id if len(prompts) == 1 else f"{base_id}-{i}", prompt_ids, params))
+            runs.append(Run(engine, base_id if len(prompts) == 1 else f"{base_id}-{i}", prompt_ids, params, metrics))
     except BaseException:
         close_all(runs)
         raise

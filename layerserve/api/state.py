@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from layerserve.api.errors import InvalidRequestError, ModelNotReadyError
+from layerserve.api.admission import Admission
+from layerserve.api.errors import DrainingError, InvalidRequestError, ModelNotReadyError
 from layerserve.api.logprobs import TokenText
+from layerserve.api.observe import Observability, RequestMetrics
 from layerserve.config import EngineConfig, ServerConfig
 from layerserve.engine.async_engine import AsyncEngine
 from layerserve.engine.builder import EngineInfo
@@ -73,9 +75,22 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     runtime: Runtime | None = None
     load_error: str | None = None
+    draining: bool = False  # set on SIGTERM/SIGINT: /health is 503 and new requests are refused
+    admission: Admission = field(init=False)
+    observability: Observability = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.engine_config.scheduler.max_num_seqs, self.config.max_queued_requests)
+        self.observability = Observability(self)
+
+    @property
+    def metrics(self) -> RequestMetrics:
+        return self.observability.requests
 
     def ready(self) -> Runtime:
-        """The runtime, or ModelNotReadyError (503) while loading or after a failed load."""
+        """The runtime, or 503: while loading, after a failed load, or while shutting down."""
+        if self.draining:
+            raise DrainingError("The server is shutting down; retry on another instance.")
         if self.runtime is not None:
             if not self.runtime.engine.running:
                 raise ModelNotReadyError("The engine has stopped; see the server log.")
@@ -108,8 +123,12 @@ class ServerState:
         tool_format = TOOL_FORMATS.for_tokenizer(tokenizer, self.config.tool_call_format)
         self.runtime = Runtime(engine, info, template, TokenText(tokenizer), f"fp_{digest[:10]}", max_token_bytes,
                                tool_format, GrammarCompiler(tokenizer))
-        log.info("model loaded in %.1fs: %s (%s, max_model_len %d, %d KV blocks, tool format %s)",
-                 info.load_seconds, info.model_path, info.dtype, info.max_model_len, info.num_blocks, tool_format.name)
+        log.info("model loaded in %.1fs: %s (%s, max_model_len %d, %d KV blocks of %d tokens = %.0f MiB, "
+                 "max_num_seqs %d, prefix cache %s, tool format %s)",
+                 info.load_seconds, info.model_path, info.dtype, info.max_model_len, info.num_blocks,
+                 info.block_size, info.kv_cache_bytes / (1 << 20),
+                 self.engine_config.scheduler.max_num_seqs,
+                 "on" if self.engine_config.cache.enable_prefix_caching else "off", tool_format.name)
 
     def _build(self, loader: EngineLoader) -> tuple:
         core, info = loader(self.engine_config)

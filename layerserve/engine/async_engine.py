@@ -104,7 +104,7 @@ class AsyncEngine:
             if core.has_work():
                 try:
                     outputs += core.step()
-                except Exception as exc:  # a fault fails the requests in flight, not the server
+                except Exception as exc:  # outside a batch (batch faults are handled in step): fail all in flight
                     log.exception("engine step failed")
                     outputs += core.fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
             if outputs:

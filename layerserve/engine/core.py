@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from layerserve.engine.request import FinishReason, RequestOutput, SamplingParam
 from layerserve.engine.scheduler import Scheduler
 from layerserve.engine.sequence import RequestGroup, Sequence
 from layerserve.engine.output import OutputProcessor
+
+log = logging.getLogger("layerserve.engine")
 
 
 class InvalidRequest(ValueError):
@@ -36,6 +39,7 @@ class EngineStats:
     prefix_hits: int  # of which found
     num_preemptions: int
     num_steps: int
+    num_failed_batches: int  # steps whose forward or update raised (their requests failed)
 
 
 class EngineCore:
@@ -51,6 +55,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._rng = random.Random()
         self.num_steps = 0
+        self.num_failed_batches = 0
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -100,10 +105,22 @@ class EngineCore:
         return self.scheduler.has_work
 
     def step(self) -> list[RequestOutput]:
+        """One scheduling step. A fault while running the batch (the forward pass, sampling, a
+        grammar, detokenizing) fails only the requests in that batch, with an error output, and
+        frees their blocks; requests that were not in it go on at the next step."""
         out = self.scheduler.schedule()
         self.num_steps += 1
         if out.is_empty:
             return []
+        try:
+            return self._run_batch(out)
+        except Exception as exc:
+            log.exception("engine step failed; failing the %d request(s) in its batch", len(out.scheduled))
+            self.num_failed_batches += 1
+            batch = {item.seq.group.request_id for item in out.scheduled}
+            return self.fail(batch, f"internal engine error: {type(exc).__name__}: {exc}")
+
+    def _run_batch(self, out) -> list[RequestOutput]:
         result = self.runner.execute(out)
         for item in out.scheduled:
             seq = item.seq
@@ -126,10 +143,16 @@ class EngineCore:
         return outputs
 
     def fail_all(self, message: str) -> list[RequestOutput]:
-        """After a fault in a step: finish every request in flight with an error, free their blocks."""
+        """After a fault outside any batch (in scheduling): fail every request in flight."""
+        return self.fail(list(self.groups), message)
+
+    def fail(self, request_ids, message: str) -> list[RequestOutput]:
+        """Finish these requests with an error and free their blocks."""
         outputs = []
-        for request_id in list(self.groups):
-            group = self.groups.pop(request_id)
+        for request_id in request_ids:
+            group = self.groups.pop(request_id, None)
+            if group is None:
+                continue
             for seq in group.seqs:
                 if not seq.finished:
                     seq.finish_reason = FinishReason.ERROR
@@ -149,4 +172,5 @@ class EngineCore:
             prefix_hits=self.kv.stats.hits,
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
+            num_failed_batches=self.num_failed_batches,
         )

@@ -61,6 +61,11 @@ def chat_body(content: str = "Say hello.", **fields: Any) -> dict[str, Any]:
 
 
 def metrics(http: httpx.Client) -> dict[str, float]:
-    """GET /metrics as {sample name: value}."""
+    """GET /metrics as {sample name: value}; labelled samples as `name{label="value",...}`."""
     text = http.get("/metrics").text
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out

@@ -51,7 +51,7 @@ async def test_open_routes_need_no_key(keyed):
         assert_error(await keyed.get(path), 503, code="model_not_ready")  # loading, not 401
     response = await keyed.get("/metrics")
     assert response.status_code == 200
-    assert "layerserve_model_loaded 0.0" in response.text
+    assert "layerserve:model_loaded 0.0" in response.text
 
 
 async def test_without_configured_key_any_key_works():

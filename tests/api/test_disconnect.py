@@ -16,7 +16,7 @@ def wait_idle(http: httpx.Client, timeout_s: float = 20.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     while True:
         values = metrics(http)
-        if values["layerserve_requests_running"] == 0 and values["layerserve_requests_waiting"] == 0:
+        if values["layerserve:num_requests_running"] == 0 and values["layerserve:num_requests_waiting"] == 0:
             return values
         assert time.monotonic() < deadline, f"requests still in the engine: {values}"
         time.sleep(0.1)
@@ -38,22 +38,22 @@ async def abandon_streams(base_url: str, count: int, concurrency: int) -> None:
 
 
 def test_fifty_abandoned_streams(server, http):
-    steps = wait_idle(http)["layerserve_engine_steps_total"]
+    steps = wait_idle(http)["layerserve:engine_steps_total"]
     asyncio.run(abandon_streams(server.base_url, count=50, concurrency=10))
     values = wait_idle(http)
-    assert values["layerserve_kv_cache_usage"] == 0.0
+    assert values["layerserve:kv_cache_usage_perc"] == 0.0
     # had any stream run on, the engine would have stepped at least 900 times
-    assert values["layerserve_engine_steps_total"] - steps < LONG["max_tokens"]
+    assert values["layerserve:engine_steps_total"] - steps < LONG["max_tokens"]
     after = http.post(CHAT, json=chat_body(max_tokens=4))
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
 
 
 def test_non_stream_disconnect_aborts(server, http):
-    steps = wait_idle(http)["layerserve_engine_steps_total"]
+    steps = wait_idle(http)["layerserve:engine_steps_total"]
     try:
         httpx.post(f"{server.base_url}{CHAT}", json=chat_body(**LONG), timeout=1.0)
         raise AssertionError("a 900-token completion returned within a second")
     except httpx.ReadTimeout:
         pass  # httpx closes the connection
     values = wait_idle(http)
-    assert values["layerserve_engine_steps_total"] - steps < LONG["max_tokens"]
+    assert values["layerserve:engine_steps_total"] - steps < LONG["max_tokens"]

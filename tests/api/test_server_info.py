@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api_helpers import metrics
+from api_helpers import chat_body, metrics
 
 
 def test_health(http):
@@ -48,8 +48,30 @@ def test_tokenize_errors(http):
 
 
 def test_metrics(http):
-    values = metrics(http)
-    assert values["layerserve_model_loaded"] == 1
-    assert values["layerserve_kv_blocks_total"] > 0
-    assert "layerserve_requests_running" in values
-    assert values["layerserve_engine_steps_total"] >= 0
+    """vLLM-style names under `layerserve:`; a request moves the counters and histograms it should."""
+    before = metrics(http)
+    assert before["layerserve:model_loaded"] == 1
+    assert before["layerserve:kv_cache_blocks_total"] > 0
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries_total",
+                 "prefix_cache_hits_total", "num_preemptions_total", "aborted_requests_total",
+                 "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count"):
+        assert f"layerserve:{name}" in before, name
+    response = http.post("/v1/chat/completions", json=chat_body(max_tokens=5, temperature=0, ignore_eos=True))
+    assert response.status_code == 200
+    usage = response.json()["usage"]
+    after = metrics(http)
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew("layerserve:prompt_tokens_total") == usage["prompt_tokens"]
+    assert grew("layerserve:generation_tokens_total") == usage["completion_tokens"] == 5
+    assert grew("layerserve:time_to_first_token_seconds_count") == 1
+    assert grew("layerserve:inter_token_latency_seconds_count") == 4
+    assert grew("layerserve:e2e_request_latency_seconds_count") == 1
+    assert grew("layerserve:prefix_cache_queries_total") >= usage["prompt_tokens"] - 1
+    key = 'layerserve:request_success_total{finished_reason="length"}'
+    assert after[key] - before.get(key, 0.0) == 1
+    assert after["layerserve:kv_cache_usage_perc"] == 0.0  # nothing running: cached blocks count as free
+    ok = 'layerserve:http_requests_total{route="/v1/chat/completions",status="200"}'
+    assert after[ok] - before.get(ok, 0.0) == 1
