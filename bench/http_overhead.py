@@ -81,9 +81,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="environment variables for the server process only (A/B experiments)")
+    p.add_argument("--skip-offline", action="store_true", help="only the server column")
     args = p.parse_args()
-    off_rate, off_ttft = offline(args.dtype, args.streams, args.tokens, args.repeats)
-    with layerserve(["--dtype", args.dtype, "--no-prefix-cache"]) as url:
+    env = dict(item.split("=", 1) for item in args.server_env)
+    off_rate, off_ttft = (float("nan"), float("nan")) if args.skip_offline else offline(
+        args.dtype, args.streams, args.tokens, args.repeats)
+    with layerserve(["--dtype", args.dtype, "--no-prefix-cache"], env) as url:
         http_rate, http_ttft = asyncio.run(served(url, args.streams, args.tokens, args.repeats))
     print(f"| {args.dtype}, {args.streams} streams x {args.tokens} tokens | offline engine | HTTP server (SDK, streaming) | ratio / delta |")
     print("|---|---|---|---|")

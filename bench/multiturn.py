@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
 import socket
 import statistics
@@ -51,10 +52,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def layerserve(extra: list[str]):
+def layerserve(extra: list[str], env: dict[str, str] | None = None):
+    """`layerserve serve` on a free port (`env`: extra environment variables); yields its /v1 URL."""
     port = _free_port()
     cmd = [sys.executable, "-m", "layerserve.cli", "serve", "--port", str(port), "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
+from pydantic import BaseModel
 
 from layerserve.api import chat, completions, info, tokenize
 from layerserve.api.auth import ApiKeyCheck
 from layerserve.api.errors import install_error_handlers
 from layerserve.api.limits import BodySizeLimit
 from layerserve.api.observe import AccessLog
+from layerserve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from layerserve.api.state import EngineLoader, ServerState
 from layerserve.config import EngineConfig, ServerConfig
 
@@ -25,6 +28,27 @@ def _default_loader(config: EngineConfig):
     from layerserve.engine.builder import build_engine
 
     return build_engine(config, progress=False)
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI `requestBody` of a route that parses its raw body with `model` (so /docs and
+    schema-driven fuzzers know its shape), with pydantic's `$defs` inlined: the OpenAPI document
+    has no `$defs` at its root for them to point to."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        if "$ref" in node:
+            return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+        # an OpenAPI `discriminator` maps to the $refs just inlined; the `oneOf` says the same
+        return {key: inline(value) for key, value in node.items()
+                if not (key == "discriminator" and isinstance(value, dict) and "mapping" in value)}
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
@@ -50,15 +74,16 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
 
     protected = [Depends(ApiKeyCheck(server_config.api_key))]
     routes = [
-        ("/v1/chat/completions", chat.create_chat_completion, "POST"),
-        ("/v1/completions", completions.create_completion, "POST"),
-        ("/v1/models", info.list_models, "GET"),
-        ("/v1/models/{model_id:path}", info.retrieve_model, "GET"),
-        ("/tokenize", tokenize.tokenize, "POST"),
-        ("/detokenize", tokenize.detokenize, "POST"),
+        ("/v1/chat/completions", chat.create_chat_completion, "POST", ChatCompletionRequest),
+        ("/v1/completions", completions.create_completion, "POST", CompletionRequest),
+        ("/v1/models", info.list_models, "GET", None),
+        ("/v1/models/{model_id:path}", info.retrieve_model, "GET", None),
+        ("/tokenize", tokenize.tokenize, "POST", TokenizeRequest),
+        ("/detokenize", tokenize.detokenize, "POST", DetokenizeRequest),
     ]
-    for path, endpoint, method in routes:
-        app.add_api_route(path, endpoint, methods=[method], dependencies=protected)
+    for path, endpoint, method, body in routes:
+        app.add_api_route(path, endpoint, methods=[method], dependencies=protected,
+                          openapi_extra=_json_body(body) if body else None)
     for path in ("/health", "/v1/health"):
         app.add_api_route(path, info.health, methods=["GET"])
     app.add_api_route("/metrics", state.observability.metrics_endpoint, methods=["GET"])

@@ -126,13 +126,16 @@ class ChatTemplate:
         `extra` reaches the template as variables (e.g. `enable_thinking`, `documents`).
         Raises TemplateError when the template fails or rejects the conversation.
         """
-        context = {
-            "messages": [_plain_message(message) for message in messages],
-            "tools": _plain(tools),
-            "documents": None,
-            "add_generation_prompt": add_generation_prompt,
-            **{key: _plain(value) for key, value in extra.items()},
-        }
+        try:
+            context = {
+                "messages": [_plain_message(message) for message in messages],
+                "tools": _plain(tools),
+                "documents": None,
+                "add_generation_prompt": add_generation_prompt,
+                **{key: _plain(value) for key, value in extra.items()},
+            }
+        except RecursionError:
+            raise TemplateError("The messages or chat_template_kwargs are nested too deeply.") from None
         try:
             return self._template.render(**context)
         except TemplateError:

@@ -290,8 +290,11 @@ def _template_call(call: Any, param: str) -> dict[str, Any]:
     if isinstance(arguments, str):
         try:
             parsed = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict):
-            arguments = parsed
-    return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": copy.deepcopy(arguments)}}
+            if isinstance(parsed, dict):
+                arguments = copy.deepcopy(parsed)  # probes the depth the template will walk
+        except (json.JSONDecodeError, RecursionError):
+            raise ToolRequestError("Invalid tool call 'arguments': not a JSON object of reasonable depth.",
+                                   f"{param}.function.arguments") from None
+    else:
+        arguments = copy.deepcopy(arguments)
+    return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}
