@@ -30,14 +30,24 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Single-token sequences of similar context length, padded to the longest of them.
+
+    Decodes are grouped by length so that one long context does not pad every short one to its
+    length: padded SDPA costs rows x longest, which at 64 mixed sequences was 4x the real work.
+    """
+
+    rows: torch.Tensor | None  # (g,) rows of these tokens in the step; None when the group is every row
+    slots: torch.Tensor  # (g, L) context slots, padded with the zeroed pad slot
+    mask: torch.Tensor | None  # (g, 1, 1, L) True where a slot is real context; None when none is padded
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Everything attention needs for one step, built once per step by the runner."""
 
     slot_mapping: torch.Tensor  # (T,) slot where each new token's K/V is written
-    decode_rows: torch.Tensor | None  # (Bd,) rows of single-token sequences; None if there are none
-    decode_rows_are_all: bool  # True when every row is a decode row (skip the gather/scatter)
-    decode_slots: torch.Tensor | None  # (Bd, Lmax) context slots, padded with 0
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, Lmax) True where a slot is real context
+    decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
 
 
@@ -50,11 +60,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """q: (T, nh, hd) -> (T, nh * hd), each token attending to its sequence's context."""
     num_tokens, num_heads, head_dim = q.shape
-    if meta.decode_rows_are_all:
-        return _decode(q, k_cache, v_cache, meta).reshape(num_tokens, num_heads * head_dim)
+    if len(meta.decodes) == 1 and meta.decodes[0].rows is None:  # a pure decode step of similar lengths
+        return _decode(q, k_cache, v_cache, meta.decodes[0]).reshape(num_tokens, num_heads * head_dim)
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    if meta.decode_rows is not None:
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta)
+    for group in meta.decodes:
+        out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group)
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, nh, q, hd)
@@ -67,9 +77,29 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.reshape(num_tokens, num_heads * head_dim)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """Single-token queries (Bd, nh, hd) over padded contexts -> (Bd, nh, hd)."""
-    k = k_cache[meta.decode_slots].transpose(1, 2)  # (Bd, nkv, L, hd)
-    v = v_cache[meta.decode_slots].transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, enable_gqa=True)
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+    """Single-token queries (g, nh, hd) over padded contexts -> (g, nh, hd)."""
+    k = k_cache[group.slots].transpose(1, 2)  # (g, nkv, L, hd)
+    v = v_cache[group.slots].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=group.mask, enable_gqa=True)
     return o.squeeze(2)  # (Bd, nh, hd)
+
+
+def group_by_length(lengths: list[int], ratio: float = 0.6, slack: int = 128) -> list[list[int]]:
+    """Indices of `lengths` in groups of similar length, longest first.
+
+    A sequence joins the current group while the group's longest is at most `slack` tokens or
+    1/`ratio` times longer, so padding wastes under ~40% and the group count stays small
+    (about 6 from 16 to 4,096 tokens), each group costing one gather and one SDPA call per layer.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__, reverse=True)
+    groups: list[list[int]] = []
+    head = 0
+    for i in order:
+        n = lengths[i]
+        if groups and (head - n <= slack or n >= ratio * head):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+            head = n
+    return groups

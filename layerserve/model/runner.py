@@ -13,7 +13,7 @@ import torch
 from layerserve.engine.request import TokenLogprob
 from layerserve.engine.scheduler import SchedulerOutput
 from layerserve.engine.sequence import Sequence
-from layerserve.model.attention import AttentionMetadata, PrefillChunk
+from layerserve.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk, group_by_length
 from layerserve.model.sampler import SamplingBatch, sample
 
 
@@ -95,21 +95,22 @@ class ModelRunner:
         row0 = (torch.cumsum(counts_t, 0) - counts_t).tolist()
         last_rows = [r + n - 1 for r, n in zip(row0, counts)]
         decode = [i for i, n in enumerate(counts) if n == 1]
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            decode_rows=None,
-            decode_rows_are_all=len(decode) == num_seqs,
-            decode_slots=None,
-            decode_mask=None,
-            prefills=[],
-        )
+        meta = AttentionMetadata(slot_mapping=slot_mapping, decodes=[], prefills=[])
         if decode:
-            d = torch.tensor(decode)
-            longest = int(ctx_lens[d].max())
-            valid = torch.arange(longest).unsqueeze(0) < ctx_lens[d].unsqueeze(1)  # (Bd, L)
-            meta.decode_slots = torch.where(valid, ctx_slots[d, :longest], self.pad_slot)
-            meta.decode_mask = valid.view(len(decode), 1, 1, longest)
-            meta.decode_rows = torch.tensor([row0[i] for i in decode])
+            lens = ctx_lens[decode].tolist()
+            groups = group_by_length(lens)
+            for members in groups:
+                d = torch.tensor([decode[j] for j in sorted(members)])  # row order: a lone group needs no scatter
+                glens = ctx_lens[d]
+                longest = int(glens.max())
+                valid = torch.arange(longest).unsqueeze(0) < glens.unsqueeze(1)  # (g, L)
+                padded = int(glens.min()) < longest
+                every_row = len(groups) == 1 and len(decode) == num_seqs
+                meta.decodes.append(DecodeGroup(
+                    rows=None if every_row else torch.tensor([row0[i] for i in d.tolist()]),
+                    slots=torch.where(valid, ctx_slots[d, :longest], self.pad_slot) if padded else ctx_slots[d, :longest],
+                    mask=valid.view(len(d), 1, 1, longest) if padded else None,
+                ))
         for i, n in enumerate(counts):
             if n == 1:
                 continue

@@ -100,3 +100,65 @@ def test_default_model_logits_match_transformers(default_weights):
         ref = hf(torch.tensor([tokens])).logits[0]
     got = paged_logits(ours, tokens, chunk=7, block_size=16)
     torch.testing.assert_close(got, ref, atol=5e-4, rtol=1e-4)
+
+
+def test_mixed_length_batch_matches_transformers():
+    """Decodes of very different context lengths (several padded length groups) next to a prefill.
+
+    Each sequence's logits must equal transformers' on that sequence alone: grouping, padding and
+    the scatter of rows back into step order must not mix sequences up.
+    """
+    hf, cfg = tiny_hf("llama")
+    ours = LlamaModel(hf_config(cfg.to_dict()), dict(hf.state_dict()))
+    gen = torch.Generator().manual_seed(2)
+    lengths = [4, 11, 62, 133, 205, 240]  # the last one arrives while the others decode
+    seqs_tokens = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+    with torch.no_grad():
+        refs = [hf(torch.tensor([t])).logits[0] for t in seqs_tokens]
+    kv = KVCacheManager(num_blocks=256, block_size=4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=2048), kv)
+    runner = ModelRunner(ours, kv.num_blocks, 4)
+    seqs = []
+
+    def add(i: int, n_known: int) -> None:
+        group = RequestGroup(f"r{i}", seqs_tokens[i][:n_known], SamplingParams(max_tokens=300), 0.0)
+        seq = Sequence(i, group, 0, list(seqs_tokens[i][:n_known]), n_known, seed=0)
+        group.seqs = [seq]
+        sched.add(group)
+        seqs.append(seq)
+
+    def step() -> dict[int, torch.Tensor]:
+        out = sched.schedule()
+        ids, pos, meta, last_rows = runner._prepare(out)
+        with torch.inference_mode():
+            logits = ours.logits(ours.forward(ids, pos, meta, runner.kv))
+        got = {}
+        for row, item in enumerate(out.scheduled):
+            item.seq.num_computed_tokens += item.num_new_tokens
+            got[item.seq.seq_id] = logits[last_rows[row]]
+        return got
+
+    for i in range(5):
+        add(i, lengths[i] - 3)
+    step()  # prefill all but the last 3 tokens of each
+    for k in (3, 2, 1):
+        for s in seqs[:5]:
+            s.token_ids.append(seqs_tokens[s.seq_id][-k])
+        if k == 2:
+            add(5, lengths[5])  # a whole prompt in the same step as five decodes
+        got = step()
+        for s in seqs[:5]:
+            torch.testing.assert_close(got[s.seq_id], refs[s.seq_id][-k], atol=2e-4, rtol=1e-4)
+        if k == 2:
+            torch.testing.assert_close(got[5], refs[5][-1], atol=2e-4, rtol=1e-4)
+
+
+def test_group_by_length_bounds_padding():
+    from layerserve.model.attention import group_by_length
+
+    lengths = [1500, 90, 1400, 100, 30, 700, 1450, 64]
+    groups = group_by_length(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # each sequence once
+    assert [sorted(g) for g in groups] == [[0, 2, 6], [5], [1, 3, 4, 7]]
+    assert group_by_length([5, 5, 5]) == [[0, 1, 2]]
+    assert group_by_length([]) == []
