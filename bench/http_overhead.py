@@ -1,6 +1,6 @@
 """HTTP overhead: the same work through `layerserve serve` (OpenAI SDK, streaming) and the offline engine.
 
-    .venv/bin/python bench/http_overhead.py [--dtype q4] [--tokens 64] [--streams 32]
+    .venv/bin/python bench/http_overhead.py [--dtype q4] [--tokens 64] [--streams 32] [--rounds 3]
 
 Prints aggregate tokens/s at N concurrent streams and one request's time to first token, for the
 offline engine (in this process) and the server (a subprocess on localhost), side by side.
@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -59,11 +61,12 @@ async def served(url: str, streams: int, tokens: int, repeats: int) -> tuple[flo
         count = 0
         stream = await client.chat.completions.create(
             model="any", messages=[{"role": "user", "content": QUESTION.format(i=i)}], max_tokens=max_tokens,
-            temperature=0, stream=True, extra_body={"ignore_eos": True})
+            temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:  # the role chunk carries ""
                 first = first or time.perf_counter() - start
-                count += 1
+            if chunk.usage is not None:
+                count = chunk.usage.completion_tokens
         return first or time.perf_counter() - start, count
 
     await asyncio.gather(one(0, 4), one(1, 4))  # warm-up
@@ -75,26 +78,49 @@ async def served(url: str, streams: int, tokens: int, repeats: int) -> tuple[flo
     return sum(c for _, c in done) / elapsed, statistics.median(ttfts)
 
 
+def offline_in_child(args: argparse.Namespace) -> tuple[float, float]:
+    """The offline engine in a fresh process: a model loaded and freed in this process would stay
+    behind (allocator, thread pools) and slow the HTTP client that runs here afterwards."""
+    cmd = [sys.executable, __file__, "--offline-only", "--dtype", args.dtype, "--streams", str(args.streams),
+           "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["rate"], result["ttft"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="q4")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--streams", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="single requests timed for TTFT (median)")
+    p.add_argument("--rounds", type=int, default=3, help="offline/server rounds, interleaved (median)")
     p.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="environment variables for the server process only (A/B experiments)")
     p.add_argument("--skip-offline", action="store_true", help="only the server column")
+    p.add_argument("--offline-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.offline_only:
+        rate, ttft = offline(args.dtype, args.streams, args.tokens, args.repeats)
+        print(json.dumps({"rate": rate, "ttft": ttft}))
+        return
     env = dict(item.split("=", 1) for item in args.server_env)
-    off_rate, off_ttft = (float("nan"), float("nan")) if args.skip_offline else offline(
-        args.dtype, args.streams, args.tokens, args.repeats)
-    with layerserve(["--dtype", args.dtype, "--no-prefix-cache"], env) as url:
-        http_rate, http_ttft = asyncio.run(served(url, args.streams, args.tokens, args.repeats))
-    print(f"| {args.dtype}, {args.streams} streams x {args.tokens} tokens | offline engine | HTTP server (SDK, streaming) | ratio / delta |")
+    rounds: list[tuple[float, float, float, float]] = []
+    with layerserve(["--dtype", args.dtype, "--no-prefix-cache"], env) as url:  # idle while offline runs
+        for r in range(args.rounds):
+            off_rate, off_ttft = (float("nan"), float("nan")) if args.skip_offline else offline_in_child(args)
+            http_rate, http_ttft = asyncio.run(served(url, args.streams, args.tokens, args.repeats))
+            rounds.append((off_rate, http_rate, off_ttft, http_ttft))
+            print(f"# round {r + 1}: offline {off_rate:.1f} tok/s, TTFT {off_ttft * 1000:.0f} ms; "
+                  f"server {http_rate:.1f} tok/s, TTFT {http_ttft * 1000:.0f} ms", file=sys.stderr, flush=True)
+    off_rate, http_rate, off_ttft, http_ttft = (statistics.median(col) for col in zip(*rounds))
+    print(f"| {args.dtype}, {args.streams} streams x {args.tokens} tokens, median of {args.rounds} rounds "
+          "| offline engine | HTTP server (SDK, streaming) | ratio / delta |")
     print("|---|---|---|---|")
     print(f"| aggregate tokens/s | {off_rate:.1f} | {http_rate:.1f} | {http_rate / off_rate:.2f}x |")
     print(f"| TTFT, one request, ms | {off_ttft * 1000:.0f} | {http_ttft * 1000:.0f} | {1000 * (http_ttft - off_ttft):+.0f} ms |")
-    print("(server tokens counted as streamed content chunks; offline as generated tokens)")
+    print("(tokens: the usage chunk's completion_tokens through the server, generated tokens offline; "
+          "each offline round in a fresh process, the server idle meanwhile)")
 
 
 if __name__ == "__main__":

@@ -104,17 +104,15 @@ class ServerState:
         return min(self.config.max_n, self.engine_config.scheduler.max_num_seqs)
 
     async def load(self, loader: EngineLoader) -> None:
-        """Build the engine in a worker thread (the event loop keeps answering /health with 503)."""
+        """Build the engine on its own thread (the event loop keeps answering /health with 503)."""
         try:
-            core, info, max_token_bytes = await asyncio.to_thread(self._build, loader)
-            tokenizer = core.tokenizer
+            engine, (info, max_token_bytes) = await AsyncEngine.launch(lambda: self._build(loader))
+            tokenizer = engine.tokenizer
             source = tokenizer.chat_template
             if not source:
                 log.warning("the model has no chat template; using ChatML")
                 source = CHATML_TEMPLATE
             template = ChatTemplate(source, tokenizer.bos_token, tokenizer.eos_token)
-            engine = AsyncEngine(core)
-            engine.start()
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("loading the model failed")
@@ -134,7 +132,7 @@ class ServerState:
         core, info = loader(self.engine_config)
         tokenizer = core.tokenizer
         max_token_bytes = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
-        return core, info, max(max_token_bytes, 1)
+        return core, (info, max(max_token_bytes, 1))
 
     async def close(self) -> None:
         if self.runtime is not None:

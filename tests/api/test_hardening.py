@@ -157,3 +157,52 @@ async def test_engine_fault_fails_only_its_batch(faulty_app):
     text = (await client.get("/metrics")).text
     assert "layerserve:engine_failed_batches_total 2.0" in text
     assert "layerserve:kv_cache_usage_perc 0.0" in text
+
+
+# ---- loading: on the engine's own thread; a failed load is a 503 that says why -------------------
+async def test_model_is_built_on_the_thread_that_runs_it():
+    """One thread loads and runs the model: a second thread doing torch work would leave libgomp
+    two worker teams on the cores, which throttles their spin-wait (15-20% slower steps)."""
+    import threading
+
+    threads: dict[str, int] = {}
+
+    def recording_loader(config: EngineConfig):
+        from layerserve.engine.builder import build_engine
+
+        threads["build"] = threading.get_ident()
+        core, info = build_engine(config, progress=False)
+        execute = core.runner.execute
+
+        def recording_execute(out):
+            threads["execute"] = threading.get_ident()
+            return execute(out)
+
+        core.runner.execute = recording_execute
+        return core, info
+
+    engine = EngineConfig(model="default", cache=CacheConfig(kv_cache_memory=64 << 20),
+                          scheduler=SchedulerConfig(max_model_len=1024))
+    app = build_app(engine, ServerConfig(), loader=recording_loader)
+    state = app.state.server
+    await state.load(recording_loader)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            assert (await client.post("/v1/chat/completions", json=chat_body(max_tokens=2))).status_code == 200
+    finally:
+        await state.close()
+    assert threads["execute"] == threads["build"] != threading.get_ident()
+
+
+async def test_failed_load_is_a_503_that_says_why():
+    def broken_loader(config: EngineConfig):
+        raise FileNotFoundError("no weights at /nowhere")
+
+    app = build_app(EngineConfig(model="default"), ServerConfig(), loader=broken_loader)
+    state = app.state.server
+    await state.load(broken_loader)
+    assert state.runtime is None
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await client.get("/health")).status_code == 503
+        error = assert_error(await client.post("/v1/chat/completions", json=chat_body()), 503)
+    assert "failed to load" in error["message"] and "no weights at /nowhere" in error["message"]
