@@ -79,6 +79,8 @@ class EngineCollector:
             "kv_cache_blocks_free": ("KV blocks free (including cached, evictable ones)", s.num_free_blocks),
             "kv_cache_blocks_total": ("KV blocks in the pool", s.num_blocks),
             "kv_cache_blocks_cached": ("Free KV blocks that still hold a cached prefix", s.num_cached_blocks),
+            "kv_cache_memory_bytes": ("Size of the KV pool (its pages are touched as blocks are first used)",
+                                      rt.info.kv_cache_bytes),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"layerserve:{name}", doc, value=value)

@@ -52,6 +52,7 @@ def test_metrics(http):
     before = metrics(http)
     assert before["layerserve:model_loaded"] == 1
     assert before["layerserve:kv_cache_blocks_total"] > 0
+    assert before["layerserve:kv_cache_memory_bytes"] > 0
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries_total",
                  "prefix_cache_hits_total", "num_preemptions_total", "aborted_requests_total",
                  "inter_token_latency_seconds_count", "e2e_request_latency_seconds_count"):
