@@ -30,8 +30,9 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore) -> None:
-        self.core = core
+    def __init__(self) -> None:
+        """Use `await AsyncEngine.launch(build)`: the core is built on the engine thread."""
+        self.core: EngineCore | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -50,18 +51,12 @@ class AsyncEngine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> None:
-        """Start the engine thread on a built core; call from the event loop that will consume outputs."""
-        self._loop = asyncio.get_running_loop()
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="layerserve-engine", daemon=True)
-        self._thread.start()
-
     @classmethod
     async def launch(cls, build: Callable[[], tuple[EngineCore, Any]]) -> tuple["AsyncEngine", Any]:
         """Run `build` on a new engine thread, then the engine on that thread; returns the engine
-        and what `build` returned beside the core. An exception from `build` is raised here."""
-        engine = cls(None)  # type: ignore[arg-type]  (the core comes from the thread)
+        and what `build` returned beside the core. An exception from `build` is raised here.
+        Call from the event loop that will consume the outputs."""
+        engine = cls()
         engine._loop = loop = asyncio.get_running_loop()
         built: asyncio.Future = loop.create_future()
         engine._thread = threading.Thread(target=engine._build_and_run, args=(build, built),
