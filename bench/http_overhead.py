@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import pathlib
 import statistics
@@ -52,8 +51,6 @@ def offline(dtype: str, streams: int, tokens: int, repeats: int) -> tuple[float,
     start = time.perf_counter()
     results = llm.generate(prompts, params)
     rate = sum(len(o.token_ids) for res in results for o in res.outputs) / (time.perf_counter() - start)
-    del llm
-    gc.collect()
     return rate, statistics.median(ttfts)
 
 

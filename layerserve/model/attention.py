@@ -34,8 +34,9 @@ class DecodeGroup:
     """Single-token sequences of similar context length, padded to the longest of them.
 
     Decodes are grouped by length so that one long context does not pad every short one to its
-    length: padded SDPA reads rows x longest slots, 3.4x the real context for 64 mixed sequences
-    (a few of ~1,500 tokens among ~100-token ones); grouped, that attention ran 6x faster.
+    length: padded SDPA reads rows x longest slots. For 64 mixed sequences (a few of ~1,500 tokens
+    among ~100-token ones) grouping cut the slots read from 102k to 33k (the real context: 26k) and
+    that attention's time per layer from 94-103 ms to 12-30 ms.
     """
 
     rows: torch.Tensor | None  # (g,) rows of these tokens in the step; None when the group is every row

@@ -99,13 +99,13 @@ class ModelRunner:
         if decode:
             lens = ctx_lens[decode].tolist()
             groups = group_by_length(lens)
+            every_row = len(groups) == 1 and len(decode) == num_seqs  # a lone group needs no scatter
             for members in groups:
-                d = torch.tensor([decode[j] for j in sorted(members)])  # row order: a lone group needs no scatter
+                d = torch.tensor([decode[j] for j in sorted(members)])  # in row order
                 glens = ctx_lens[d]
                 longest = int(glens.max())
                 valid = torch.arange(longest).unsqueeze(0) < glens.unsqueeze(1)  # (g, L)
                 padded = int(glens.min()) < longest
-                every_row = len(groups) == 1 and len(decode) == num_seqs
                 meta.decodes.append(DecodeGroup(
                     rows=None if every_row else torch.tensor([row0[i] for i in d.tolist()]),
                     slots=torch.where(valid, ctx_slots[d, :longest], self.pad_slot) if padded else ctx_slots[d, :longest],

@@ -287,14 +287,16 @@ def _template_call(call: Any, param: str) -> dict[str, Any]:
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not call.get("id"):
         raise ToolRequestError("A tool call needs an 'id' and a 'function' with a 'name'.", param)
     arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            parsed = json.loads(arguments) if arguments.strip() else {}
+    try:
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:  # e.g. a call cut off by max_tokens, sent back as it came: kept as text
+                parsed = None
             if isinstance(parsed, dict):
-                arguments = copy.deepcopy(parsed)  # probes the depth the template will walk
-        except (json.JSONDecodeError, RecursionError):
-            raise ToolRequestError("Invalid tool call 'arguments': not a JSON object of reasonable depth.",
-                                   f"{param}.function.arguments") from None
-    else:
-        arguments = copy.deepcopy(arguments)
+                arguments = parsed
+        arguments = copy.deepcopy(arguments)  # also probes the depth the template will walk
+    except RecursionError:
+        raise ToolRequestError("Invalid tool call 'arguments': nested too deeply.",
+                               f"{param}.function.arguments") from None
     return {"id": call["id"], "type": "function", "function": {"name": function["name"], "arguments": arguments}}

@@ -107,6 +107,18 @@ def test_normalized_messages_have_template_shapes():
     assert ROUND_TRIP[1]["tool_calls"][0]["function"]["arguments"] == '{"location": "Tokyo"}'  # input untouched
 
 
+def test_call_arguments_that_are_not_json_stay_text():
+    """A call cut off by max_tokens comes back in the history as the model wrote it: not an error."""
+    cut = {"id": "call_cut", "type": "function", "function": {"name": "get_weather", "arguments": '{"location": "Tok'}}
+    out = normalize_messages(ASK + [{"role": "assistant", "content": None, "tool_calls": [cut]},
+                                    {"role": "tool", "tool_call_id": "call_cut", "content": "?"}])
+    assert out[1]["tool_calls"][0]["function"]["arguments"] == '{"location": "Tok'
+    deep = dict(cut, function={"name": "f", "arguments": '{"a": ' * 5000 + "1" + "}" * 5000})
+    with pytest.raises(ToolRequestError) as info:
+        normalize_messages(ASK + [{"role": "assistant", "content": None, "tool_calls": [deep]}])
+    assert info.value.param == "messages[1].tool_calls[0].function.arguments"
+
+
 def test_invalid_response_format(smollm_tokenizer):
     with pytest.raises(ToolRequestError) as info:
         plan_chat(fmt("generic", smollm_tokenizer), ASK, response_format={
