@@ -14,7 +14,7 @@ from layerserve.engine.request import TokenLogprob
 from layerserve.engine.scheduler import SchedulerOutput
 from layerserve.engine.sequence import Sequence
 from layerserve.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk, group_by_length
-from layerserve.model.sampler import SamplingBatch, sample
+from layerserve.model.sampler import SamplingBatch, noise_key, sample
 
 
 @dataclass(slots=True)
@@ -129,8 +129,7 @@ class ModelRunner:
             top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab for p in ps]),
             top_p=torch.tensor([p.top_p for p in ps]),
             min_p=torch.tensor([p.min_p for p in ps]),
-            seeds=torch.tensor([s.seed for s in seqs], dtype=torch.int64),
-            steps=torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64),
+            keys=torch.tensor([noise_key(s.seed, s.index, s.num_output_tokens) for s in seqs], dtype=torch.int64),
             all_greedy=all(p.greedy for p in ps),
             needs_filter=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps),
         )

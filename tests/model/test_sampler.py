@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from layerserve.model.sampler import SamplingBatch, hash_uniform, sample
+from layerserve.model.sampler import SamplingBatch, hash_uniform, noise_key, sample
 
 V = 8
 
 
-def batch(n: int, temperature=1.0, top_k=V, top_p=1.0, min_p=0.0, seed0=0, **kw) -> SamplingBatch:
+def keys(seeds, index=0, step=0) -> torch.Tensor:
+    return torch.tensor([noise_key(s, index, step) for s in seeds], dtype=torch.int64)
+
+
+def batch(n: int, temperature=1.0, top_k=V, top_p=1.0, min_p=0.0, seed0=0, vocab=V, **kw) -> SamplingBatch:
     return SamplingBatch(
         temperature=torch.full((n,), float(temperature)), top_k=torch.full((n,), top_k), top_p=torch.full((n,), top_p),
-        min_p=torch.full((n,), min_p), seeds=torch.arange(seed0, seed0 + n), steps=torch.zeros(n, dtype=torch.int64),
-        all_greedy=temperature == 0, needs_filter=top_k < V or top_p < 1 or min_p > 0, **kw)
+        min_p=torch.full((n,), min_p), keys=keys(range(seed0, seed0 + n)),
+        all_greedy=temperature == 0, needs_filter=top_k < vocab or top_p < 1 or min_p > 0, **kw)
 
 
 PROBS = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0, 0.0, 0.0])
@@ -32,11 +36,57 @@ def test_samples_follow_the_distribution():
 
 
 def test_hash_uniform_is_uniform_and_seed_dependent():
-    u = hash_uniform(torch.tensor([1, 2]), torch.tensor([0, 0]), 50000)
-    assert 0 < u.min() and u.max() <= 1
+    u = hash_uniform(keys([1, 2]), 50000)
+    assert 0 < u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01
     assert not torch.equal(u[0], u[1])
-    assert torch.equal(u, hash_uniform(torch.tensor([1, 2]), torch.tensor([0, 0]), 50000))
+    assert torch.equal(u, hash_uniform(keys([1, 2]), 50000))
+
+
+def test_uniforms_are_strictly_inside_the_unit_interval():
+    # 512 rows x 49152 tokens = 25M draws (0.0 can never be allowed either: -log would be inf).
+    for chunk in range(2):
+        u = hash_uniform(keys(range(chunk * 256, (chunk + 1) * 256), step=7), 49152)
+        assert u.min().item() > 0.0 and u.max().item() < 1.0
+        assert torch.isfinite(-torch.log(u)).all() and (-torch.log(u) > 0).all()
+
+
+def test_a_zeroed_token_is_never_sampled():
+    """top_k=1 at temperature 1 is greedy, on a real vocabulary size, over many (seed, step) rows:
+    the old noise reached exactly 1.0 about once in 340 rows, so 0/0 = NaN made argmax pick token 0."""
+    vocab, rows = 49152, 256
+    gen = torch.Generator().manual_seed(0)
+    wrong = 0
+    for step in range(8):
+        logits = torch.randn(rows, vocab, generator=gen)
+        logits[:, 0] = -5.0  # the first token (argmax's pick among NaNs) is never the best
+        b = batch(rows, top_k=1, vocab=vocab)
+        b.keys = keys(range(rows), step=step)
+        wrong += (sample(logits, b).token_ids != logits.argmax(dim=-1)).sum().item()
+        b = batch(rows, top_p=1e-6, vocab=vocab)  # top-p that keeps only the best token
+        b.keys = keys(range(rows), step=100 + step)
+        wrong += (sample(logits, b).token_ids != logits.argmax(dim=-1)).sum().item()
+    assert wrong == 0
+
+
+def test_masked_tokens_never_win_even_when_every_allowed_probability_underflows():
+    logits = torch.tensor([[0.0, -200.0, 10.0, -300.0]])
+    b = batch(1, vocab=4)
+    b.bias = torch.tensor([[float("-inf"), 0.0, float("-inf"), 0.0]])  # only 1 and 3 allowed
+    for seed in range(200):
+        b.keys = keys([seed])
+        assert sample(logits, b).token_ids.item() in (1, 3)
+
+
+def test_noise_keys_use_all_64_bits_and_separate_choices():
+    s = 123456789
+    base = hash_uniform(keys([s], index=1), 1000)[0]
+    assert not torch.equal(base, hash_uniform(keys([s + 1], index=0), 1000)[0])  # choice i of s != choice 0 of s+i
+    assert not torch.equal(hash_uniform(keys([s]), 1000), hash_uniform(keys([s + (1 << 32)]), 1000))  # high bits count
+    assert not torch.equal(hash_uniform(keys([s]), 1000), hash_uniform(keys([s - (1 << 63)]), 1000))  # top bit counts
+    assert noise_key(-1, 0, 0) == noise_key((1 << 64) - 1, 0, 0)  # an int64 seed and its unsigned twin agree
+    seen = {noise_key(seed, index, step) for seed in range(40) for index in range(8) for step in range(8)}
+    assert len(seen) == 40 * 8 * 8
 
 
 def test_top_k_top_p_min_p_restrict_support():
@@ -65,8 +115,7 @@ def test_mixed_greedy_and_random_rows_are_independent():
 def test_penalties_and_bias():
     logits = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
     b = SamplingBatch(temperature=torch.zeros(1), top_k=torch.tensor([4]), top_p=torch.ones(1), min_p=torch.zeros(1),
-                      seeds=torch.zeros(1, dtype=torch.int64), steps=torch.zeros(1, dtype=torch.int64),
-                      all_greedy=True, needs_filter=False)
+                      keys=torch.zeros(1, dtype=torch.int64), all_greedy=True, needs_filter=False)
     b.output_counts = torch.tensor([[2.0, 0.0, 0.0, 0.0]])
     b.presence, b.frequency = torch.tensor([0.5]), torch.tensor([0.6])  # 2 - 0.5 - 1.2 = 0.3 < 1
     assert sample(logits, b).token_ids.item() == 1
