@@ -6,10 +6,6 @@ from layerserve.api.errors import InvalidRequestError
 from layerserve.api.protocol import SamplingFields
 from layerserve.engine.request import SamplingParams
 
-# The engine derives per-sample seeds as seed + index in int64; fold any int64 seed into a range
-# where that cannot overflow (deterministic, so equal seeds still give equal samples).
-_SEED_SPACE = 1 << 62
-
 
 def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
     out: dict[int, float] = {}
@@ -31,11 +27,20 @@ def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, floa
     return out
 
 
+MAX_STOP_CHARS = 1024  # per stop string (at most 4 of them: the protocol says so)
+
+
 def stop_strings(stop: str | list[str] | None) -> list[str]:
-    """Stop sequences; empty strings can never end a completion and are dropped."""
+    """Stop sequences; empty strings can never end a completion and are dropped. Each is bounded:
+    the engine holds back (and matches against) up to the longest one on every step."""
     if stop is None:
         return []
     items = [stop] if isinstance(stop, str) else stop
+    for i, item in enumerate(items):
+        if len(item) > MAX_STOP_CHARS:
+            where = "stop" if isinstance(stop, str) else f"stop[{i}]"
+            raise InvalidRequestError(f"Invalid '{where}': a stop sequence may be at most {MAX_STOP_CHARS} "
+                                      f"characters long; this one has {len(item)}.", where)
     return [s for s in items if s]
 
 
@@ -58,7 +63,7 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: in
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=req.repetition_penalty if req.repetition_penalty is not None else 1.0,
         logit_bias=logit_bias(req.logit_bias, vocab_size),
-        seed=req.seed % _SEED_SPACE if req.seed is not None else None,
+        seed=req.seed,  # any int64; the engine uses all 64 bits
         n=n,
         logprobs=logprobs,
         stop=stop_strings(req.stop),

@@ -17,6 +17,9 @@ from layerserve.engine.output import OutputProcessor
 
 log = logging.getLogger("layerserve.engine")
 
+# What a failed request reports. The exception itself goes to the log, never to clients.
+INTERNAL_ERROR = "internal engine error"
+
 
 class InvalidRequest(ValueError):
     """The request cannot be served as asked (user error); the message says why."""
@@ -79,10 +82,10 @@ class EngineCore:
         if request_id in self.groups:
             raise InvalidRequest(f"duplicate request id {request_id}")
         group = RequestGroup(request_id, list(prompt_ids), params, time.monotonic())
-        # Any int64 seed is accepted; the sampler's hash works on 62 bits.
-        base_seed = (params.seed if params.seed is not None else self._rng.getrandbits(62)) & ((1 << 62) - 1)
+        # Any integer seed is accepted; the sampler keys its noise by all 64 bits and the choice index.
+        seed = (params.seed if params.seed is not None else self._rng.getrandbits(64)) & ((1 << 64) - 1)
         for index in range(params.n):
-            seq = Sequence(next(self._seq_ids), group, index, list(prompt_ids), len(prompt_ids), base_seed + index)
+            seq = Sequence(next(self._seq_ids), group, index, list(prompt_ids), len(prompt_ids), seed)
             self.outputs.init_sequence(seq)
             group.seqs.append(seq)
         self.groups[request_id] = group
@@ -114,11 +117,11 @@ class EngineCore:
             return []
         try:
             return self._run_batch(out)
-        except Exception as exc:
+        except Exception:
             log.exception("engine step failed; failing the %d request(s) in its batch", len(out.scheduled))
             self.num_failed_batches += 1
             batch = {item.seq.group.request_id for item in out.scheduled}
-            return self.fail(batch, f"internal engine error: {type(exc).__name__}: {exc}")
+            return self.fail(batch, INTERNAL_ERROR)
 
     def _run_batch(self, out) -> list[RequestOutput]:
         result = self.runner.execute(out)

@@ -6,6 +6,12 @@ Why a hash chain (vLLM) rather than a radix tree (SGLang): with fixed-size block
 identity is (its parent's identity, its tokens), so one dict lookup per block finds the longest
 cached prefix, eviction is a plain LRU over free blocks, and there are no tree nodes to split or merge.
 
+Keys never decide a hit alone. A block is found by its chain key (a BLAKE2b digest of the parent's
+key and the block's tokens), then verified: its stored tokens must equal the tokens asked for and
+its stored parent must be the very block (and incarnation) matched just before it. Two prefixes
+whose keys collide -- by accident, or a prompt crafted against a weak hash (vLLM's CVE-2025-25183)
+-- therefore never share KV: the second one is simply not cached.
+
 Lifecycle of a block:
     free (no hash) --allocate--> in use --becomes full & computed--> in use + hashed (shareable)
     in use --ref drops to 0--> free but cached (evictable, LRU order) --allocate--> hash dropped (evicted)
@@ -14,22 +20,32 @@ Lifecycle of a block:
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-BlockKey = tuple[int, tuple[int, ...]]  # (parent block's hash, this block's tokens)
+BlockHashFn = Callable[[bytes, Sequence[int]], bytes]  # (parent's key, this block's tokens) -> key
+# What a cached block holds: (parent block id and its incarnation, or None at the root; its tokens).
+BlockContent = tuple[tuple[int, int] | None, tuple[int, ...]]
 
 
-def extend_block_hashes(hashes: list[int], token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[int]:
-    """Extend `hashes` (in place) to the chained hashes of the first `num_blocks` full blocks.
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """A block's key: BLAKE2b-128 of its parent's key and its token ids."""
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int, num_blocks: int,
+                        hash_fn: BlockHashFn = chain_hash) -> list[bytes]:
+    """Extend `hashes` (in place) to the chained keys of the first `num_blocks` full blocks.
 
     Each sequence keeps its list, so a step hashes only the blocks that became full.
     """
     num_blocks = min(num_blocks, len(token_ids) // block_size)
-    parent = hashes[-1] if hashes else 0
+    parent = hashes[-1] if hashes else b""
     for b in range(len(hashes), num_blocks):
-        parent = hash((parent, tuple(token_ids[b * block_size:(b + 1) * block_size])))
+        parent = hash_fn(parent, token_ids[b * block_size:(b + 1) * block_size])
         hashes.append(parent)
     return hashes
 
@@ -48,11 +64,14 @@ class KVCacheManager:
     block_size: int
     enable_prefix_caching: bool = True
     stats: PrefixCacheStats = field(default_factory=PrefixCacheStats)
+    hash_fn: BlockHashFn = chain_hash  # injectable so tests can force collisions
 
     def __post_init__(self) -> None:
         self._ref = [0] * self.num_blocks
-        self._hash: list[int | None] = [None] * self.num_blocks
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._hash: list[bytes | None] = [None] * self.num_blocks
+        self._content: list[BlockContent | None] = [None] * self.num_blocks  # set while a block is cached
+        self._incarnation = [0] * self.num_blocks  # bumped each time a block is handed out afresh
+        self._cached: dict[bytes, int] = {}  # block key -> block id
         # Blocks with ref 0, least recently used first. Values unused.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(self.num_blocks))
 
@@ -74,29 +93,37 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache --------------------------------------------------------------------
-    def match_prefix(self, token_ids: Sequence[int], hashes: list[int]) -> list[int]:
+    def match_prefix(self, token_ids: Sequence[int], hashes: list[bytes]) -> list[int]:
         """Block ids of the longest cached prefix of full blocks, taking a reference on each.
 
-        `hashes` is the sequence's own hash list (extended in place). At least one token is always
-        left uncached so the caller has a token to compute (its logits are needed to sample).
+        `hashes` is the sequence's own key list (extended in place). A key only finds a candidate:
+        it is a hit when the block holds exactly these tokens after exactly the block matched
+        before it. At least one token is always left uncached so the caller has a token to compute
+        (its logits are needed to sample). Counts nothing: see `record_query`.
         """
         if not self.enable_prefix_caching:
             return []
-        max_blocks = (len(token_ids) - 1) // self.block_size
-        self.stats.queries += len(token_ids)
+        bs = self.block_size
+        max_blocks = (len(token_ids) - 1) // bs
         blocks: list[int] = []
-        for h in extend_block_hashes(hashes, token_ids, self.block_size, max_blocks)[:max_blocks]:
+        parent: tuple[int, int] | None = None
+        for b, h in enumerate(extend_block_hashes(hashes, token_ids, bs, max_blocks, self.hash_fn)[:max_blocks]):
             block = self._cached.get(h)
-            if block is None:
+            if block is None or self._content[block] != (parent, tuple(token_ids[b * bs:(b + 1) * bs])):
                 break
             blocks.append(block)
+            parent = (block, self._incarnation[block])
         for block in blocks:
             self._take(block)
-        self.stats.hits += len(blocks) * self.block_size
         return blocks
 
+    def record_query(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one request's prompt lookup (once per request, when it is admitted)."""
+        self.stats.queries += num_tokens
+        self.stats.hits += num_hit_tokens
+
     def cache_full_blocks(
-        self, block_table: Sequence[int], token_ids: Sequence[int], num_computed: int, hashes: list[int], start: int = 0
+        self, block_table: Sequence[int], token_ids: Sequence[int], num_computed: int, hashes: list[bytes], start: int = 0
     ) -> int:
         """Index the blocks of `block_table` that are full and computed, so others can reuse them.
 
@@ -106,13 +133,17 @@ class KVCacheManager:
         num_full = min(num_computed // self.block_size, len(block_table))
         if not self.enable_prefix_caching or num_full <= start:
             return max(start, num_full)
-        extend_block_hashes(hashes, token_ids, self.block_size, num_full)
-        for block, h in zip(block_table[start:num_full], hashes[start:num_full]):
+        bs = self.block_size
+        extend_block_hashes(hashes, token_ids, bs, num_full, self.hash_fn)
+        for b in range(start, num_full):
+            block, h = block_table[b], hashes[b]
             if self._hash[block] is not None:
                 continue  # already indexed (shared prefix or indexed on an earlier step)
             if h in self._cached:
-                continue  # an identical block is indexed already; this copy stays private
+                continue  # an identical block (or a colliding key) is indexed already; this copy stays private
+            parent = None if b == 0 else (block_table[b - 1], self._incarnation[block_table[b - 1]])
             self._hash[block] = h
+            self._content[block] = (parent, tuple(token_ids[b * bs:(b + 1) * bs]))
             self._cached[h] = block
         return num_full
 
@@ -128,6 +159,8 @@ class KVCacheManager:
             if h is not None:  # evict: its contents are about to be overwritten
                 del self._cached[h]
                 self._hash[block] = None
+                self._content[block] = None
+            self._incarnation[block] += 1  # children cached under its old contents no longer verify
             self._ref[block] = 1
             blocks.append(block)
         return blocks

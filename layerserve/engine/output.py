@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from layerserve.engine.request import CompletionDelta, FinishReason, RequestOutput, TokenLogprob
 from layerserve.engine.sequence import RequestGroup, Sequence
-from layerserve.engine.stop import check_token_stop, find_stop_string, safe_text_end
+from layerserve.engine.stop import StopStringMatcher, check_token_stop
 from layerserve.text.detokenizer import IncrementalDetokenizer
 
 
@@ -16,6 +16,8 @@ class OutputProcessor:
 
     def init_sequence(self, seq: Sequence) -> None:
         seq.detok = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
+        if seq.params.stop:
+            seq.stop_matcher = StopStringMatcher(seq.params.stop)
         factory = seq.params.logits_mask_factory
         if factory is not None:
             seq.logits_mask = factory()
@@ -33,9 +35,10 @@ class OutputProcessor:
         if stop is None or stop[0] is FinishReason.LENGTH:  # a stop token's text is not output
             piece = seq.detok.add(token_id)
             if piece:
+                offset = len(seq.text)
                 seq.text += piece
-                if params.stop:
-                    hit = find_stop_string(seq.text, len(piece), params.stop)
+                if seq.stop_matcher is not None:
+                    hit = seq.stop_matcher.feed(offset, piece)
                     if hit is not None:
                         seq.text = seq.text[: hit[0]]
                         stop = (FinishReason.STOP, hit[1])
@@ -50,7 +53,8 @@ class OutputProcessor:
         """Collect what each sequence produced since the last output."""
         deltas = []
         for seq in group.seqs:
-            end = len(seq.text) if seq.finished else safe_text_end(seq.text, seq.params.stop)
+            held = seq.stop_matcher.held() if seq.stop_matcher is not None and not seq.finished else 0
+            end = len(seq.text) - held
             end = max(end, seq.num_text_sent)
             text = seq.text[seq.num_text_sent:end]
             report_finish = seq.finished and not seq.finish_reported

@@ -91,14 +91,19 @@ class Scheduler:
                 seq.block_table = cached
                 seq.num_computed_tokens = len(cached) * self.kv.block_size
                 seq.num_indexed_blocks = len(cached)
-                if seq.group.num_cached_tokens == 0 and seq.index == 0:
-                    seq.group.num_cached_tokens = seq.num_computed_tokens
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self.kv.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_table)
             if need > self.kv.num_free_blocks:
                 self._release(seq)  # let its cached prefix be evictable while it waits
                 break
             seq.block_table += self.kv.allocate(need)
+            group = seq.group
+            if seq.index == 0 and not group.prefix_counted:
+                # Usage is billing: count what this admission really reuses, once per request (a
+                # match that had to wait may be evicted meanwhile; a preempted rerun is not a new query).
+                group.prefix_counted = True
+                group.num_cached_tokens = seq.num_computed_tokens
+                self.kv.record_query(len(group.prompt_ids), seq.num_computed_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -16,7 +16,8 @@ class RequestGroup:
     params: SamplingParams
     arrival: float
     seqs: list["Sequence"] = field(default_factory=list)
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (at its first admission)
+    prefix_counted: bool = False  # its prompt lookup is in the prefix-cache stats (once per request)
     forked: bool = False  # seqs[1:] (n>1) received the prompt's KV from seqs[0]
 
     @property
@@ -41,10 +42,10 @@ class Sequence:
     index: int  # choice index within the request
     token_ids: list[int]  # prompt + generated
     num_prompt_tokens: int
-    seed: int  # per-sample sampling seed
+    seed: int  # the request's 64-bit seed; the sampler keys noise by (seed, index, step)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks of token_ids
+    block_hashes: list[bytes] = field(default_factory=list)  # chained keys of full blocks of token_ids
     num_indexed_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
@@ -54,6 +55,7 @@ class Sequence:
     text: str = ""  # generated text (stop strings cut)
     num_text_sent: int = 0  # chars of `text` already handed to the caller
     logits_mask: object | None = None  # LogitsMask (grammar) of this sample
+    stop_matcher: object | None = None  # StopStringMatcher when the request has stop strings
     # Pending output since the last RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from array import array
+
 from layerserve.engine.kv_cache import KVCacheManager, extend_block_hashes
 
 BS = 4
@@ -11,7 +13,7 @@ BS = 4
 
 def fill(kv: KVCacheManager, tokens: list[int]) -> list[int]:
     """Allocate blocks for `tokens` as a sequence would, compute them, index the full blocks."""
-    hashes: list[int] = []
+    hashes: list[bytes] = []
     hit = kv.match_prefix(tokens, hashes)
     table = hit + kv.allocate(kv.blocks_needed(len(tokens)) - len(hit))
     kv.cache_full_blocks(table, tokens, len(tokens), hashes)
@@ -25,10 +27,12 @@ def test_match_insert_reuse():
     assert len(table) == 3 and kv.num_cached_blocks == 2
     kv.free(table)
     assert kv.num_free_blocks == 8  # cached blocks count as free
-    hashes: list[int] = []
+    hashes: list[bytes] = []
     hit = kv.match_prefix(tokens + [99], hashes)
     assert hit == table[:2]
-    assert kv.stats.hits == 8
+    assert kv.stats.queries == kv.stats.hits == 0  # a lookup alone is not a billed reuse
+    kv.record_query(11, len(hit) * BS)
+    assert (kv.stats.queries, kv.stats.hits) == (11, 8)
     assert all(kv.ref_count(b) == 1 for b in hit)
     assert kv.num_free_blocks == 6
 
@@ -113,3 +117,49 @@ def test_many_requests_sharing_a_prefix_leak_nothing():
         kv.free(t)
     assert kv.num_free_blocks == 64
     assert all(kv.ref_count(b) == 0 for b in range(64))
+
+
+def constant_hash(parent: bytes, tokens) -> bytes:
+    return b"every block collides"
+
+
+def parentless_hash(parent: bytes, tokens) -> bytes:
+    """A key of the block's tokens alone: the same block after different prefixes collides."""
+    return array("q", tokens).tobytes()
+
+
+def test_colliding_keys_never_serve_other_tokens():
+    kv = KVCacheManager(num_blocks=16, block_size=BS, hash_fn=constant_hash)
+    a = fill(kv, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert kv.num_cached_blocks == 1  # the second block's key collides with the first: kept private
+    kv.free(a)
+    assert kv.match_prefix([9, 9, 9, 9, 5, 6, 7, 8, 9], []) == []  # same key, other tokens: a miss
+    hit = kv.match_prefix([1, 2, 3, 4, 0, 0, 0, 0, 9], [])
+    assert hit == a[:1]  # the one genuinely equal block is still reused
+
+
+def test_a_block_after_a_different_prefix_is_not_reused_when_keys_ignore_the_prefix():
+    kv = KVCacheManager(num_blocks=16, block_size=BS, hash_fn=parentless_hash)
+    a = fill(kv, [1, 1, 1, 1, 5, 6, 7, 8, 0])
+    kv.free(a)
+    assert kv.match_prefix([2, 2, 2, 2, 5, 6, 7, 8, 0], []) == []
+    b = fill(kv, [2, 2, 2, 2, 5, 6, 7, 8, 0])
+    assert b[1] != a[1]  # its second block is its own (the key was taken: it stays private)
+    kv.free(b)
+    assert kv.match_prefix([1, 1, 1, 1, 5, 6, 7, 8, 0], []) == a[:2]
+
+
+def test_a_reincarnated_parent_invalidates_its_old_children():
+    """The parent block is evicted and refilled with the same key's tokens... of another prefix:
+    a child cached under the old parent must not verify against the new one."""
+    kv = KVCacheManager(num_blocks=3, block_size=BS, hash_fn=parentless_hash)
+    p, q, tail = fill(kv, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    kv.free([tail])
+    kv.free([p])  # q stays in use; p is free and cached
+    got = kv.allocate(2)  # the two free blocks: tail, and p (evicted: its contents are overwritten)
+    assert p in got
+    kv.free([b for b in got if b != p])
+    kv.cache_full_blocks([p], [1, 2, 3, 4], 4, [])  # same tokens, but a new incarnation of the block
+    kv.free([p])
+    kv.free([q])
+    assert kv.match_prefix([1, 2, 3, 4, 5, 6, 7, 8, 9], []) == [p]  # q was computed after the old p
