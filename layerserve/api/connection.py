@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from layerserve.api.errors import RequestTimeoutError, describe
+from layerserve.api.errors import RequestTimeoutError, describe, log_internal
 
 log = logging.getLogger("layerserve.api")
 
@@ -40,7 +40,7 @@ def error_event(exc: BaseException) -> str:
     then the stream's normal end, so clients that wait for [DONE] are not left hanging."""
     kind, body = describe(exc)
     if kind.status >= 500:
-        log.error("stream failed", exc_info=exc)
+        log_internal(exc, "stream failed")
     return sse_event(body) + DONE
 
 

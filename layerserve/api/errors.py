@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,13 +141,37 @@ def describe(exc: BaseException) -> tuple[ErrorKind, dict[str, Any]]:
         return kind, error_body(str(exc), kind, exc.param, exc.code)
     if isinstance(exc, (TemplateError, EngineDeadError)):
         return kind, error_body(str(exc), kind)
-    return kind, error_body("The server had an error while processing your request.", kind)
+    return kind, error_body(f"The server had an error while processing your request (error id {error_id(exc)}).",
+                            kind)
+
+
+def error_id(exc: BaseException) -> str:
+    """A reference for an unexpected error: in the client's message and in the log line, never the
+    exception's own text (it can carry internals)."""
+    ref = getattr(exc, "_layerserve_error_id", None)
+    if ref is None:
+        ref = uuid.uuid4().hex[:16]
+        try:
+            exc._layerserve_error_id = ref  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type with __slots__
+            pass
+    return ref
+
+
+def log_internal(exc: BaseException, what: str) -> None:
+    """Log a 5xx with its traceback; unexpected ones under the id their client was given."""
+    if isinstance(exc, (ModelNotReadyError, EngineDeadError, DrainingError)):
+        return
+    if isinstance(exc, APIError):
+        log.error("%s: %s", what, exc, exc_info=exc)
+    else:
+        log.error("%s (error id %s)", what, error_id(exc), exc_info=exc)
 
 
 def error_response(exc: BaseException) -> JSONResponse:
     kind, body = describe(exc)
-    if kind.status >= 500 and not isinstance(exc, (ModelNotReadyError, EngineDeadError, DrainingError)):
-        log.error("internal error", exc_info=exc)
+    if kind.status >= 500:
+        log_internal(exc, "internal error")
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequestsError) else None
     return JSONResponse(body, status_code=kind.status, headers=headers)
 

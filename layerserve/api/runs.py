@@ -47,7 +47,9 @@ class Run:
                 self._observe(out)
                 if out.error is not None:
                     self.finished = True
-                    raise EngineRequestError(f"The engine failed while generating: {out.error}")
+                    # The cause is in the server log (by request id), never in the response.
+                    raise EngineRequestError(
+                        f"The server had an error while generating this response (request id {self.request_id}).")
                 self.finished = out.finished
                 yield out
         finally:

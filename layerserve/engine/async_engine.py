@@ -19,10 +19,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from layerserve.engine.core import EngineCore, EngineStats
+from layerserve.engine.core import INTERNAL_ERROR, EngineCore, EngineStats, InvalidRequest
 from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger("layerserve.engine")
+
+# Faults outside any batch, one after the other, after which the engine gives up: recovery
+# (failing every request in flight) has itself failed that often, so the state cannot be trusted.
+MAX_CONSECUTIVE_FAULTS = 3
 
 
 class EngineDeadError(RuntimeError):
@@ -38,6 +42,7 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.dead_reason: str | None = None  # set when the engine thread has given up
 
     @property
     def tokenizer(self):
@@ -49,7 +54,7 @@ class AsyncEngine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and self.dead_reason is None
 
     @classmethod
     async def launch(cls, build: Callable[[], tuple[EngineCore, Any]]) -> tuple["AsyncEngine", Any]:
@@ -112,10 +117,33 @@ class AsyncEngine:
 
     # ---- engine thread -------------------------------------------------------------------
     def _run(self) -> None:
+        """The engine loop. It never dies silently: a fault in one iteration fails the requests in
+        flight and the loop goes on; only when recovery itself keeps failing does the engine stop,
+        and then every open stream gets an error and `running` turns False (so /health is 503)."""
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._iteration()
+                    failures = 0
+                except Exception:
+                    failures += 1
+                    log.exception("engine loop failed (%d in a row); failing the requests in flight", failures)
+                    if failures >= MAX_CONSECUTIVE_FAULTS:
+                        raise EngineDeadError(f"{failures} engine faults in a row") from None
+                    self._recover()
+        except BaseException as exc:
+            self.dead_reason = f"{type(exc).__name__}: {exc}"
+            log.critical("the engine has stopped: %s", self.dead_reason, exc_info=exc)
+            self._post(self._fail_open_streams)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _iteration(self) -> None:
         core = self.core
-        while not self._stopping.is_set():
-            block = not core.has_work()
-            outputs: list[RequestOutput] = []
+        block = not core.has_work()
+        outputs: list[RequestOutput] = []
+        try:
             try:
                 while True:
                     cmd = self._commands.get(block=block, timeout=0.5 if block else None)
@@ -126,23 +154,52 @@ class AsyncEngine:
             if core.has_work():
                 try:
                     outputs += core.step()
-                except Exception as exc:  # outside a batch (batch faults are handled in step): fail all in flight
+                except Exception:  # outside a batch (batch faults are handled in step): fail all in flight
                     log.exception("engine step failed")
-                    outputs += core.fail_all(f"internal engine error: {type(exc).__name__}: {exc}")
+                    outputs += core.fail_all(INTERNAL_ERROR)
+        finally:  # what was produced before a fault still reaches its streams
             if outputs:
-                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+                self._post(self._dispatch, outputs)
+
+    def _recover(self) -> None:
+        """After a fault outside any batch: fail everything in flight (if even that fails, the
+        next iteration counts one more fault)."""
+        try:
+            self._post(self._dispatch, self.core.fail_all(INTERNAL_ERROR))
+        except Exception:
+            log.exception("failing the requests in flight failed too")
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
 
     def _apply(self, cmd: tuple) -> list[RequestOutput]:
         if cmd[0] == "add":
             _, request_id, prompt_ids, params = cmd
             try:
                 self.core.add_request(request_id, prompt_ids, params)
-            except Exception as exc:
+            except InvalidRequest as exc:
                 return [RequestOutput(request_id, [], len(prompt_ids), 0, 0, True, error=str(exc))]
+            except Exception:
+                log.exception("adding request %s failed", request_id)
+                self.core.fail([request_id], INTERNAL_ERROR)
+                return [RequestOutput(request_id, [], len(prompt_ids), 0, 0, True, error=INTERNAL_ERROR)]
         elif cmd[0] == "abort":
-            out = self.core.abort(cmd[1], FinishReason.ABORT)
+            try:
+                out = self.core.abort(cmd[1], FinishReason.ABORT)
+            except Exception:  # only this request is affected: fail it, keep the rest going
+                log.exception("aborting request %s failed", cmd[1])
+                return self.core.fail([cmd[1]], INTERNAL_ERROR)
             return [out] if out is not None else []
         return []
+
+    def _fail_open_streams(self) -> None:
+        """The engine is gone: end every stream with an error instead of leaving it waiting."""
+        for request_id, stream in list(self._streams.items()):
+            stream.put_nowait(RequestOutput(request_id, [], 0, 0, 0, True, error=INTERNAL_ERROR))
+        self._streams.clear()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
