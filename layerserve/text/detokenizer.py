@@ -23,6 +23,11 @@ from layerserve.text.tokenizer import Tokenizer
 _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as decoding context: enough for a SentencePiece space or a split character.
 _PROMPT_CONTEXT_TOKENS = 5
+# Most tokens held back waiting for text: a UTF-8 character is at most 4 bytes, so past this the
+# window is not an unfinished character but a stream that never completes one (invalid bytes, or
+# special tokens that decode to nothing), and it is emitted as it decodes (U+FFFD included). Without
+# the bound such a stream grew the window by a token per step: O(length^2) on the engine thread.
+MAX_PENDING_TOKENS = 16
 
 
 class IncrementalDetokenizer:
@@ -66,7 +71,8 @@ class IncrementalDetokenizer:
         window = self._ids[self._prefix_offset :]
         prefix_text = decode(window[: self._read_offset - self._prefix_offset], self._skip_special_tokens)
         new_text = decode(window, self._skip_special_tokens)
-        if not final and (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT)):
+        holding = len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT)
+        if not final and holding and len(self._ids) - self._read_offset < MAX_PENDING_TOKENS:
             return ""
         delta = new_text[len(prefix_text) :]
         self._prefix_offset = self._read_offset

@@ -85,3 +85,33 @@ def test_work_per_token_is_constant(smollm_tokenizer: Tokenizer) -> None:
     assert len(ids) > 500
     assert max(counting.window_sizes) <= 8
     assert detok.text == smollm_tokenizer.decode(ids)
+
+
+class CountingTokenizer:
+    """Counts the token ids each decode call is given (the detokenizer's work per step)."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        self.inner = inner
+        self.decoded = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded += len(ids)
+        return self.inner.decode(ids, skip_special_tokens)
+
+
+@pytest.mark.parametrize("kind", ["continuation_byte", "special_token"])
+def test_a_stream_that_never_completes_text_costs_constant_work_per_token(smollm_tokenizer: Tokenizer, kind):
+    """A lone UTF-8 continuation byte forever (U+FFFD), or a skipped special token forever (""):
+    the held-back window used to grow by one token per step, so each step decoded all of it."""
+    tok = smollm_tokenizer
+    if kind == "continuation_byte":
+        token = next(i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"\x80")
+    else:
+        token = next(i for i in range(tok.vocab_size) if tok.is_special(i))
+    counting = CountingTokenizer(tok)
+    detok = IncrementalDetokenizer(counting)
+    steps = 3000
+    pieces = [detok.add(token) for _ in range(steps)]
+    assert counting.decoded <= steps * 4 * 16  # bounded window: O(1) per token, not O(steps)
+    text = "".join(pieces) + detok.flush()
+    assert text == tok.decode([token] * steps) or kind == "continuation_byte" and set(text) == {"\ufffd"}
