@@ -30,6 +30,31 @@ def kv_bytes_per_token(model) -> int:
     return c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
 
 
+@dataclass(slots=True)
+class PenaltyState:
+    """A sequence's token counts, kept up to date a step at a time: rebuilding them from every
+    token each step cost O(length) per step on the engine thread."""
+
+    counts: torch.Tensor  # (V,) float: occurrences of each token in the output
+    seen: torch.Tensor  # (V,) bool: in the prompt or the output
+    num_counted: int  # tokens of token_ids already in `counts` / `seen`
+
+
+def penalty_state(seq: Sequence, vocab: int) -> PenaltyState:
+    state = seq.penalty_state
+    if state is None:
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[torch.tensor(seq.token_ids[:seq.num_prompt_tokens])] = True
+        state = seq.penalty_state = PenaltyState(torch.zeros(vocab), seen, seq.num_prompt_tokens)
+    new = seq.token_ids[state.num_counted:]
+    if new:
+        ids = torch.tensor(new)
+        state.counts.index_add_(0, ids, torch.ones(len(new)))
+        state.seen[ids] = True
+        state.num_counted = len(seq.token_ids)
+    return state
+
+
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int) -> None:
         self.model = model
@@ -135,21 +160,15 @@ class ModelRunner:
         )
         asked = [p.logprobs for p in ps if p.logprobs is not None]
         b.max_logprobs = max(asked) if asked else None
-        if any(p.presence_penalty or p.frequency_penalty for p in ps):
-            counts = torch.zeros(n, vocab)
-            for i, s in enumerate(seqs):
-                out_ids = s.output_ids
-                if out_ids:
-                    counts[i].index_add_(0, torch.tensor(out_ids), torch.ones(len(out_ids)))
-            b.output_counts = counts
-            b.presence = torch.tensor([p.presence_penalty for p in ps])
-            b.frequency = torch.tensor([p.frequency_penalty for p in ps])
-        if any(p.repetition_penalty != 1.0 for p in ps):
-            seen = torch.zeros(n, vocab, dtype=torch.bool)
-            for i, s in enumerate(seqs):
-                seen[i, torch.tensor(s.token_ids)] = True
-            b.seen_mask = seen
-            b.repetition = torch.tensor([p.repetition_penalty for p in ps])
+        if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in ps):
+            states = [penalty_state(s, vocab) for s in seqs]
+            if any(p.presence_penalty or p.frequency_penalty for p in ps):
+                b.output_counts = torch.stack([st.counts for st in states])
+                b.presence = torch.tensor([p.presence_penalty for p in ps])
+                b.frequency = torch.tensor([p.frequency_penalty for p in ps])
+            if any(p.repetition_penalty != 1.0 for p in ps):
+                b.seen_mask = torch.stack([st.seen for st in states])
+                b.repetition = torch.tensor([p.repetition_penalty for p in ps])
         masks = [s.logits_mask.allowed_mask() if s.logits_mask is not None else None for s in seqs]
         if any(p.logit_bias for p in ps) or any(m is not None for m in masks):
             bias = torch.zeros(n, vocab)
