@@ -40,3 +40,27 @@ def test_cached_and_cold_runs_agree_over_turns(chat_ids):
     params = SamplingParams(max_tokens=16, temperature=0.8, n=3, seed=5)
     assert [o.token_ids for o in cold.generate([history], params)[0].outputs] == \
            [o.token_ids for o in warm.generate([history], params)[0].outputs]
+
+
+def test_colliding_block_keys_never_serve_another_prompts_kv(llm):
+    """Every block key collides (an injected hash): the second prompt finds the first prompt's
+    block under its key, must reject it on content, and answers exactly as it does cold."""
+    from layerserve.engine.llm import LLM
+
+    a = llm.encode_chat([{"role": "user", "content": "Name three colours of the rainbow, please."}])
+    b = llm.encode_chat([{"role": "user", "content": "Name three animals that live in the sea."}])
+    cold = LLM(num_blocks=128, max_model_len=512, enable_prefix_caching=False, progress=False)
+    expected = cold.generate([b], GREEDY)[0].outputs[0].token_ids
+    kv = llm.core.kv
+    saved = kv.hash_fn
+    kv.hash_fn = lambda parent, tokens: b"collide"
+    try:
+        llm.generate([a], GREEDY)
+        result = llm.generate([b], GREEDY)[0]
+    finally:
+        kv.hash_fn = saved
+    assert result.outputs[0].token_ids == expected
+    # only a's first block could be indexed (every later key was taken); b reuses it only where the
+    # two prompts really agree (the template's shared system prompt), never past that
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert result.cached_tokens == (16 if shared >= 16 else 0)
