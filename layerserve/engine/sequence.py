@@ -56,6 +56,7 @@ class Sequence:
     num_text_sent: int = 0  # chars of `text` already handed to the caller
     logits_mask: object | None = None  # LogitsMask (grammar) of this sample
     stop_matcher: object | None = None  # StopStringMatcher when the request has stop strings
+    penalty_state: object | None = None  # the runner's incremental token counts (penalties only)
     # Pending output since the last RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
