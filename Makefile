@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
+HOST ?= 127.0.0.1
 MODEL ?=
 
 .PHONY: install serve test bench clean
@@ -25,7 +26,7 @@ tests/ts/node_modules/.installed: tests/ts/package.json
 	touch $@
 
 serve: $(STAMP)
-	$(BIN)/layerserve serve $(MODEL) --host 0.0.0.0 --port $(PORT)
+	$(BIN)/layerserve serve $(MODEL) --host $(HOST) --port $(PORT)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "m
 _DEFAULT_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
 # Defaults come from instances: a slots dataclass has no class-level default values.
 _SERVER, _SCHEDULER, _ENGINE = ServerConfig(), SchedulerConfig(), EngineConfig(model="default")
+log = logging.getLogger("layerserve")
 
 
 def parse_size(text: str) -> int:
@@ -112,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=parse_size, default=_SERVER.max_body_bytes,
                        help="reject request bodies larger than this with 413, e.g. 16MiB")
     serve.add_argument("--max-queued-requests", type=_nonnegative_int, default=_SERVER.max_queued_requests,
-                       help="requests that may wait beyond the --max-num-seqs running ones; past it new requests "
-                            "get 429 with Retry-After")
+                       help="sequences (prompts x n) that may wait beyond the --max-num-seqs running ones; past "
+                            "it new requests get 429 with Retry-After")
+    serve.add_argument("--max-queued-tokens", type=_positive_int, default=_SERVER.max_queued_tokens,
+                       help="prompt tokens, summed over every admitted sequence; past it new requests get 429")
     serve.add_argument("--request-timeout", type=_positive_float, default=None,
                        help="seconds a request may run before it is stopped (408, or an error event in a stream); "
                             "default: no bound but the client's own (the OpenAI SDKs announce theirs)")
@@ -141,10 +145,21 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LAYERSERVE_API_KEY") or None,
         served_model_name=args.served_model_name or default_served_name(args.model),
         max_body_bytes=args.max_body_bytes, log_level=args.log_level, tool_call_format=args.tool_call_format,
-        max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+        max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
+        request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
     )
     return engine, server
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine ("localhost", 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -161,6 +176,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"layerserve: {exc}", file=sys.stderr)
         return 2
     engine_config, server_config = configs(args)
+    if server_config.api_key is None and not is_loopback(server_config.host):
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model "
+                    "(set --api-key or $LAYERSERVE_API_KEY, or listen on 127.0.0.1)", server_config.host)
     app = build_app(engine_config, server_config)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
                             access_log=False, timeout_graceful_shutdown=server_config.shutdown_timeout)

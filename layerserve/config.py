@@ -65,7 +65,8 @@ class ServerConfig:
     max_messages: int = 2048  # messages in one chat request
     max_tools: int = 128  # tools in one chat request
     max_prompts: int = 256  # prompts in one legacy /v1/completions request
-    max_queued_requests: int = 256  # requests waiting beyond those running; past it: 429
+    max_queued_requests: int = 256  # sequences (prompts x n) waiting beyond those running; past it: 429
+    max_queued_tokens: int = 1 << 20  # prompt tokens of all admitted sequences; past it: 429
     request_timeout: float | None = None  # seconds a request may run (None: no bound but the client's)
     shutdown_timeout: float = 30.0  # on SIGTERM/SIGINT: seconds to let in-flight requests finish
     log_prompts: bool = False  # include prompt text in the per-request log line

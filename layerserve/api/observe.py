@@ -67,7 +67,11 @@ class EngineCollector:
         yield GaugeMetricFamily("layerserve:draining", "1 while shutting down (no new requests)",
                                 value=int(state.draining))
         yield GaugeMetricFamily("layerserve:num_requests_admitted", "Generation requests admitted by the HTTP layer",
-                                value=state.admission.admitted)
+                                value=state.admission.requests)
+        yield GaugeMetricFamily("layerserve:num_sequences_admitted",
+                                "Sequences (prompts x n) admitted by the HTTP layer", value=state.admission.sequences)
+        yield GaugeMetricFamily("layerserve:num_prompt_tokens_admitted",
+                                "Prompt tokens of the admitted sequences", value=state.admission.tokens)
         if rt is None:
             return
         s = rt.engine.stats()
