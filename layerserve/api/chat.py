@@ -19,7 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from layerserve.api.admission import request_timeout
-from layerserve.api.chat_prompt import plan_request, render_prompt
+from layerserve.api.chat_prompt import prepare_chat
 from layerserve.api.chat_turn import ChatChoice, ChatTurn, collect_chat, stream_delta
 from layerserve.api.connection import (
     DONE,
@@ -102,8 +102,7 @@ async def create_chat_completion(request: Request) -> Response:
     req = parse_request(ChatCompletionRequest, await request.body())
     params = sampling_params(req, max_tokens=completion_budget(req), logprobs=logprobs_setting(req),
                              max_n=state.max_n, vocab_size=rt.tokenizer.vocab_size)
-    plan = plan_request(req, rt, state.config)
-    prompt_ids = await render_prompt(plan, rt, req.chat_template_kwargs)
+    plan, prompt_ids = await rt.offload(prepare_chat, req, rt, state.config)  # off the event loop
     options = req.stream_options
     ctx = ChatContext(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.config.served_model_name,
@@ -116,9 +115,9 @@ async def create_chat_completion(request: Request) -> Response:
     if state.config.log_prompts:
         fields["prompt"] = json.dumps(rt.tokenizer.decode(prompt_ids, skip_special_tokens=False)[-2000:])
     timeout = request_timeout(request, state.config.request_timeout)
-    ticket = state.admission.admit()  # 429 when the queue is full
+    ticket = state.admission.admit(params.n, params.n * len(prompt_ids))  # 429 when the queue is full
     try:
-        turn = ChatTurn(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs, state.metrics)
+        turn = await ChatTurn.start(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs, state.metrics)
     except BaseException:
         ticket.release()
         raise

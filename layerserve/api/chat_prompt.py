@@ -1,8 +1,14 @@
 """A chat request -> a `ChatPlan` (layerserve.text.tools) -> prompt token ids and sampling params.
 
 Checks what we cannot honour, plans tools and response_format, then renders the model's template.
-The prompt is `tokenizer.encode(template.render(messages, tools), add_special_tokens=False)`:
-the template itself writes BOS where the model wants one.
+The prompt is `tokenizer.encode_prompt(template.render(messages, tools))`, with every string the
+request supplied kept literal (`PromptLiterals`): only the template's own markup becomes control
+tokens, so a message cannot close its turn and open a system one by writing "<|im_end|>". The
+template itself writes BOS where the model wants one.
+
+All of this is CPU work (jinja, tokenizing, JSON-schema checks, grammar compilation): the API
+runs it on the runtime's prep threads (`Runtime.offload` of `prepare_chat`, `constrained_async`),
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -160,10 +166,44 @@ def plan_request(req: ChatCompletionRequest, rt: Runtime, config: ServerConfig) 
         raise InvalidRequestError(exc.message, exc.param) from None
 
 
-async def render_prompt(plan: ChatPlan, rt: Runtime, extra: dict[str, Any] | None) -> list[int]:
-    """The prompt token ids of one planned request."""
-    text = rt.template.render(plan.messages, tools=plan.tools, add_generation_prompt=True, **(extra or {}))
-    return await rt.encode(text, add_special_tokens=False, param="messages")
+def plan_messages(rt: Runtime, messages: list[dict[str, Any]]) -> ChatPlan:
+    """The plan of a conversation with no tools and no response_format (what /tokenize renders):
+    the messages as the tool format hands them to the template, as a chat request would."""
+    try:
+        return plan_chat(rt.tool_format, messages)
+    except ToolRequestError as exc:
+        raise InvalidRequestError(exc.message, exc.param) from None
+
+
+def template_prompt_ids(rt: Runtime, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                        extra: dict[str, Any] | None = None, *, add_generation_prompt: bool = True,
+                        add_special_tokens: bool = False, param: str | None = "messages") -> list[int]:
+    """Render the chat template over request data and tokenize it, request strings kept literal.
+    With `param`, a prompt that cannot fit the context is refused before it is tokenized."""
+    literals = rt.tokenizer.literals()
+    text = rt.template.render_request(messages, tools, add_generation_prompt, extra, literals.hide)
+    if param is not None:
+        rt.check_fits(literals.restored_length(text), param)
+    return rt.tokenizer.encode_prompt(text, literals, add_special_tokens=add_special_tokens)
+
+
+def prompt_ids(plan: ChatPlan, rt: Runtime, extra: dict[str, Any] | None) -> list[int]:
+    """The prompt token ids of one planned request (on the calling thread)."""
+    return template_prompt_ids(rt, plan.messages, plan.tools, extra)
+
+
+def prepare_chat(req: ChatCompletionRequest, rt: Runtime, config: ServerConfig) -> tuple[ChatPlan, list[int]]:
+    """`plan_request` and the first request's prompt ids: one request's preparation, for a prep
+    thread (`Runtime.offload`)."""
+    plan = plan_request(req, rt, config)
+    return plan, prompt_ids(plan, rt, req.chat_template_kwargs)
+
+
+async def constrained_async(plan: ChatPlan, params: SamplingParams, rt: Runtime) -> SamplingParams:
+    """`constrained`, compiling the plan's grammar (if it has one) on a prep thread."""
+    if plan.constraint is None:
+        return constrained(plan, params, rt)
+    return await rt.offload(constrained, plan, params, rt)
 
 
 def constrained(plan: ChatPlan, params: SamplingParams, rt: Runtime) -> SamplingParams:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from layerserve.api.chat_prompt import constrained, render_prompt
+from layerserve.api.chat_prompt import constrained, constrained_async, prompt_ids
 from layerserve.api.observe import RequestMetrics
 from layerserve.api.runs import Run, Usage, finish_reason
 from layerserve.api.state import Runtime
@@ -40,11 +40,12 @@ class ChatTurn:
     """Owns the engine requests of one chat completion; `close()` aborts whatever still runs.
 
     The first engine request starts in the constructor, so a request the engine refuses (too
-    long for the context) fails before any response header is sent."""
+    long for the context) fails before any response header is sent. Make one with `start`, which
+    compiles the plan's grammar off the event loop; `first_params` is `constrained(plan, params)`."""
 
     def __init__(self, rt: Runtime, request_id: str, plan: ChatPlan, params: SamplingParams,
                  prompt_ids: list[int], template_kwargs: dict[str, Any] | None,
-                 metrics: RequestMetrics | None = None) -> None:
+                 metrics: RequestMetrics | None = None, *, first_params: SamplingParams) -> None:
         self._rt = rt
         self._metrics = metrics
         self._request_id = request_id
@@ -52,8 +53,16 @@ class ChatTurn:
         self._params = params
         self._template_kwargs = template_kwargs
         self.usage = Usage()
-        self._runs = [Run(rt.engine, request_id, prompt_ids, constrained(plan, params, rt), metrics)]
+        self._runs = [Run(rt.engine, request_id, prompt_ids, first_params, metrics)]
         self._parsers: list[ToolCallParser | None] = [plan.new_parser() for _ in range(params.n)]
+
+    @classmethod
+    async def start(cls, rt: Runtime, request_id: str, plan: ChatPlan, params: SamplingParams,
+                    prompt_ids: list[int], template_kwargs: dict[str, Any] | None,
+                    metrics: RequestMetrics | None = None) -> ChatTurn:
+        """The turn, its first engine request started (its grammar compiled on a prep thread)."""
+        first = await constrained_async(plan, params, rt)
+        return cls(rt, request_id, plan, params, prompt_ids, template_kwargs, metrics, first_params=first)
 
     def close(self) -> None:
         for run in self._runs:
@@ -99,9 +108,10 @@ class ChatTurn:
     async def _answer(self, choices: list[int]) -> AsyncIterator[list[ChoiceEvent]]:
         plan = self._plan.answer
         assert plan is not None
-        prompt_ids = await render_prompt(plan, self._rt, self._template_kwargs)
-        params = replace(constrained(plan, self._params, self._rt), n=len(choices))
-        run = Run(self._rt.engine, f"{self._request_id}-answer", prompt_ids, params, self._metrics)
+        # the answer's prompt and grammar in one hop to a prep thread
+        ids, params = await self._rt.offload(_prepare_answer, plan, self._rt, self._template_kwargs, self._params)
+        params = replace(params, n=len(choices))
+        run = Run(self._rt.engine, f"{self._request_id}-answer", ids, params, self._metrics)
         self._runs.append(run)
         async for out in run:
             batch = [
@@ -113,6 +123,11 @@ class ChatTurn:
                 self.usage.add(out)
             if batch:
                 yield batch
+
+
+def _prepare_answer(plan: ChatPlan, rt: Runtime, template_kwargs: dict[str, Any] | None,
+                    params: SamplingParams) -> tuple[list[int], SamplingParams]:
+    return prompt_ids(plan, rt, template_kwargs), constrained(plan, params, rt)
 
 
 def _event(index: int, parsed: ParsedDelta, logprobs: list[TokenLogprob] | None) -> ChoiceEvent:

@@ -38,6 +38,13 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
 async def prompt_ids(req: CompletionRequest, rt: Runtime, max_prompts: int) -> list[list[int]]:
+    """Token ids of each prompt, tokenized on a prep thread (off the event loop). A prompt
+    string's special-token strings are parsed: here the caller writes the whole prompt, markup
+    included, as with every OpenAI-compatible server (chat content never is; see chat_prompt)."""
+    return await rt.offload(_prompt_ids, req, rt, max_prompts)
+
+
+def _prompt_ids(req: CompletionRequest, rt: Runtime, max_prompts: int) -> list[list[int]]:
     prompt = req.prompt
     if prompt is None or prompt == "":
         prompts: list = [""]
@@ -55,7 +62,7 @@ async def prompt_ids(req: CompletionRequest, rt: Runtime, max_prompts: int) -> l
     tokenizer = rt.tokenizer
     for item in prompts:
         if isinstance(item, str):
-            ids = await rt.encode(item, add_special_tokens=True, param="prompt")
+            ids = rt.encode_raw(item, add_special_tokens=True, param="prompt")
         else:
             ids = list(item)
         if not ids:  # "as if from the beginning of a new document"
@@ -128,7 +135,8 @@ async def create_completion(request: Request) -> Response:
     fields = log_fields(request)
     fields["id"] = ctx.id
     timeout = request_timeout(request, state.config.request_timeout)
-    ticket = state.admission.admit()  # 429 when the queue is full
+    # 429 when the queue is full: every prompt runs n sequences, each with a copy of its prompt
+    ticket = state.admission.admit(len(prompts) * params.n, params.n * sum(len(ids) for ids in prompts))
     try:
         runs = start_runs(rt.engine, ctx.id, prompts, params, state.metrics)
     except BaseException:

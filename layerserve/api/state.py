@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -32,8 +36,19 @@ CHATML_TEMPLATE = (
 
 EngineLoader = Callable[[EngineConfig], tuple]  # EngineConfig -> (EngineCore, EngineInfo)
 
-# Texts longer than this are tokenized in a worker thread, so other requests keep streaming.
-LARGE_TEXT_CHARS = 32 << 10
+# Threads that prepare requests (template rendering, tokenizing, tool planning with schema
+# checks, grammar compilation) off the event loop, so one heavy request never stalls the streams.
+# Two: one heavy prompt does not hold up every other request's preparation, and on two cores
+# more would only contend with the engine thread. No torch runs on them (an OpenMP team per
+# thread that ran torch would compete with the engine's).
+PREP_THREADS = 2
+PREP_THREAD_NAME = "layerserve-prep"
+
+T = TypeVar("T")
+
+
+def prep_executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=PREP_THREADS, thread_name_prefix=PREP_THREAD_NAME)
 
 
 @dataclass(slots=True)
@@ -48,24 +63,41 @@ class Runtime:
     max_token_bytes: int  # the longest token's length in bytes
     tool_format: ToolFormat  # how this model calls tools (from its chat template)
     grammars: GrammarCompiler  # constrained decoding: tool calls, response_format
+    prep: ThreadPoolExecutor  # see PREP_THREADS: made at load, shut down by `close`
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
-    async def encode(self, text: str, *, add_special_tokens: bool, param: str | None = None) -> list[int]:
-        """Token ids of `text`. With `param`, a text that cannot fit the context is refused before
-        it is tokenized: a token covers at most `max_token_bytes` bytes (so at least as many chars),
-        so the text needs at least len(text) // max_token_bytes tokens."""
+    async def offload(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on a prep thread (with this task's context variables); what it
+        raises (an InvalidRequestError: a 400) is raised here."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.prep, call)
+
+    def check_fits(self, chars: int, param: str) -> None:
+        """Refuse a text of `chars` characters that cannot fit the context, before tokenizing it: a
+        token covers at most `max_token_bytes` bytes (so at least as many characters), so the text
+        needs at least chars // max_token_bytes tokens."""
         limit = self.engine.max_model_len
-        if param is not None and len(text) // self.max_token_bytes >= limit:
+        if chars // self.max_token_bytes >= limit:
             raise InvalidRequestError(
                 f"This model's maximum context length is {limit} tokens. However, the {param} of your request "
-                f"take at least {len(text) // self.max_token_bytes} tokens. Please shorten them.", param,
+                f"take at least {chars // self.max_token_bytes} tokens. Please shorten them.", param,
                 "context_length_exceeded")
-        if len(text) < LARGE_TEXT_CHARS:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    def encode_raw(self, text: str, *, add_special_tokens: bool, param: str | None = None) -> list[int]:
+        """Token ids of a raw prompt, on the calling thread (a prep thread: see `offload`).
+        Special-token strings in it are parsed: its author writes the whole prompt, markup
+        included (chat prompts go through `chat_prompt.template_prompt_ids` instead). With
+        `param`, `check_fits` first."""
+        if param is not None:
+            self.check_fits(len(text), param)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def close(self) -> None:
+        """Stop the prep threads (a preparation still running finishes; queued ones are dropped)."""
+        self.prep.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(slots=True)
@@ -80,7 +112,8 @@ class ServerState:
     observability: Observability = field(init=False)
 
     def __post_init__(self) -> None:
-        self.admission = Admission(self.engine_config.scheduler.max_num_seqs, self.config.max_queued_requests)
+        self.admission = Admission(self.engine_config.scheduler.max_num_seqs, self.config.max_queued_requests,
+                                   self.config.max_queued_tokens)
         self.observability = Observability(self)
 
     @property
@@ -96,7 +129,7 @@ class ServerState:
                 raise ModelNotReadyError("The engine has stopped; see the server log.")
             return self.runtime
         if self.load_error is not None:
-            raise ModelNotReadyError(f"The model failed to load: {self.load_error}")
+            raise ModelNotReadyError("The model failed to load; the server log says why.")
         raise ModelNotReadyError("The model is still loading; retry shortly.")
 
     @property
@@ -120,7 +153,7 @@ class ServerState:
         digest = hashlib.sha256(f"{info.model_path}|{info.dtype}|{info.model_config}".encode()).hexdigest()
         tool_format = TOOL_FORMATS.for_tokenizer(tokenizer, self.config.tool_call_format)
         self.runtime = Runtime(engine, info, template, TokenText(tokenizer), f"fp_{digest[:10]}", max_token_bytes,
-                               tool_format, GrammarCompiler(tokenizer))
+                               tool_format, GrammarCompiler(tokenizer), prep_executor())
         log.info("model loaded in %.1fs: %s (%s, max_model_len %d, %d KV blocks of %d tokens = %.0f MiB, "
                  "max_num_seqs %d, prefix cache %s, tool format %s)",
                  info.load_seconds, info.model_path, info.dtype, info.max_model_len, info.num_blocks,
@@ -132,11 +165,13 @@ class ServerState:
         core, info = loader(self.engine_config)
         tokenizer = core.tokenizer
         max_token_bytes = max(len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size))
+        tokenizer.encode_plain("")  # builds its plain-text copies now rather than in the first chat request
         return core, (info, max(max_token_bytes, 1))
 
     async def close(self) -> None:
         if self.runtime is not None:
             await self.runtime.engine.stop()
+            self.runtime.close()
 
 
 def server_state(request: Request) -> ServerState:

@@ -49,7 +49,9 @@ class LLM:
 
         tok = self.tokenizer
         template = ChatTemplate(tok.chat_template, tok.bos_token, tok.eos_token)
-        return tok.encode(template.render(messages, **template_kwargs), add_special_tokens=False)
+        literals = tok.literals()  # special-token strings inside messages stay text, as in the server
+        text = template.render_request(messages, None, True, template_kwargs, literals.hide)
+        return tok.encode_prompt(text, literals)
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[GenerationResult]:
         params = params or SamplingParams()

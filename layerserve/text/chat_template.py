@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import jinja2
@@ -126,13 +126,27 @@ class ChatTemplate:
         `extra` reaches the template as variables (e.g. `enable_thinking`, `documents`).
         Raises TemplateError when the template fails or rejects the conversation.
         """
+        return self.render_request(messages, tools, add_generation_prompt, extra)
+
+    def render_request(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        extra: Mapping[str, Any] | None = None,
+        each_string: Callable[[str], str] | None = None,
+    ) -> str:
+        """`render`, with `each_string` applied to every string the caller passed in (message,
+        tool and `extra` strings, dict keys included) and never to the template's own text or
+        its globals (`bos_token`, ...): `PromptLiterals.hide` uses it to keep request text from
+        turning into control tokens."""
         try:
             context = {
-                "messages": [_plain_message(message) for message in messages],
-                "tools": _plain(tools),
+                "messages": [_plain_message(message, each_string) for message in messages],
+                "tools": _plain(tools, each_string),
                 "documents": None,
                 "add_generation_prompt": add_generation_prompt,
-                **{key: _plain(value) for key, value in extra.items()},
+                **{key: _plain(value, each_string) for key, value in (extra or {}).items()},
             }
         except RecursionError:
             raise TemplateError("The messages or chat_template_kwargs are nested too deeply.") from None
@@ -154,30 +168,32 @@ class ChatTemplate:
             raise TemplateError(f"chat template failed to render: {exc}") from exc
 
 
-def _plain_message(message: Any) -> dict[str, Any]:
-    plain = _plain(message)
+def _plain_message(message: Any, each_string: Callable[[str], str] | None = None) -> dict[str, Any]:
+    plain = _plain(message, each_string)
     if not isinstance(plain, dict):
         raise TemplateError(f"a chat message must be an object, got {type(message).__name__}")
     return {key: value for key, value in plain.items() if value is not None}
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, each_string: Callable[[str], str] | None = None) -> Any:
     """A copy of `value` made of JSON types only, so the template sees no rich objects (whose
-    methods the sandbox cannot judge); anything else becomes a placeholder naming its type."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
+    methods the sandbox cannot judge); anything else becomes a placeholder naming its type.
+    `each_string`, when given, maps every string of `value` (keys too)."""
     if isinstance(value, str):
-        return str.__str__(value)
+        text = value if type(value) is str else str.__str__(value)
+        return each_string(text) if each_string is not None else text
+    if value is None or type(value) in (int, float, bool):
+        return value
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):
         return float.__float__(value)
     if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {_plain(k, each_string): _plain(v, each_string) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, each_string) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name), each_string) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
+        return _plain(value.model_dump(), each_string)
     return f"<{type(value).__name__}>"

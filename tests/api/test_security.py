@@ -66,7 +66,9 @@ def test_message_text_is_rendered_literally(http: httpx.Client, text: str) -> No
     placeholder with the text put in its place, never evaluated (no "49", no Python objects)."""
     placeholder = "PLACEHOLDER"
     expected = _prompt_text(http, _conversation(placeholder)).replace(placeholder, text)
-    assert expected.count(text) == 5  # every message's content (this template prints no call arguments)
+    # every message's content, and the call's arguments, which /tokenize renders as a chat request
+    # does (the generic tool format writes "Calling f with {arguments}")
+    assert expected.count(text) == 6
     assert _prompt_text(http, _conversation(text)) == expected
 
 
