@@ -14,7 +14,7 @@ from layerserve.model.llama import LlamaModel
 from layerserve.model.loader import hf_config
 from layerserve.model.runner import ModelRunner
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a dev dependency: a missing one is a failure, not a skip)
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0)

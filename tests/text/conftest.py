@@ -11,5 +11,5 @@ import pytest
 @pytest.fixture(scope="session")
 def hf_smollm_tokenizer(default_model_path: pathlib.Path) -> Any:
     """transformers' own tokenizer for the default GGUF (AutoTokenizer with gguf_file=)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(default_model_path.parent), gguf_file=default_model_path.name)
