@@ -118,13 +118,13 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 10) -> float:
 
 
 def _bytes_read(obj) -> int:
-    """Bytes one decode step reads from a weight: a tensor, or a layerserve Linear (int4 when packed)."""
+    """Bytes one decode step reads from a weight: a tensor, or a layerserve Linear (its 1-row kernel's)."""
     if obj is None:
         return 0
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if getattr(obj, "packed", None) is not None:  # int4 path (small batches)
-        return _bytes_read(obj.packed) + _bytes_read(obj.scales_zeros) + _bytes_read(obj.bias)
+    if hasattr(obj, "bytes_read"):  # a layerserve Linear: what its one-row kernel reads
+        return obj.bytes_read(1)
     return _bytes_read(obj.weight) + _bytes_read(getattr(obj, "bias", None))
 
 

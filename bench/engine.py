@@ -1,6 +1,6 @@
 """Engine benchmark: layerserve vs HF transformers vs llama.cpp's llama-server, same model, same run.
 
-    .venv/bin/python bench/engine.py [--quick] [--skip-hf] [--skip-llamacpp] [--dtypes float32,q4] [--out bench/out/engine.md]
+    .venv/bin/python bench/engine.py [--quick] [--skip-hf] [--skip-llamacpp] [--dtypes auto,float32] [--out bench/out/engine.md]
 
 Prints a Markdown table for the default model (SmolLM2-135M-Instruct): single-stream decode
 tokens/s next to the weight-bandwidth bound, time to first token for a short and a ~1000-token
@@ -230,8 +230,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="fewer tokens and repeats: a smoke run")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-llamacpp", action="store_true")
-    p.add_argument("--dtypes", default="float32,q4",
-                   help="comma-separated layerserve dtypes, one column each (float32, bfloat16, q4)")
+    p.add_argument("--dtypes", default="auto,float32",
+                   help="comma-separated layerserve dtypes, one column each (auto, float32, bfloat16, q4)")
     p.add_argument("--tries", type=int, default=3,
                    help="runs of a measurement while other processes load the machine (best kept)")
     p.add_argument("--out", type=pathlib.Path, default=None, help="also write the table to this file")

@@ -1,16 +1,20 @@
-"""Linear layers: dense, or int4 weights (group 32) for small batches.
+"""Linear layers that run, per batch size, the matmul kernel measured fastest on this CPU.
 
-Decode is bound by reading weights; torch's CPU int4 kernel reads a quarter of the bytes of bf16
-weights. For large batches (prefill chunks) a dense bf16 GEMM is faster, so the int4 layer keeps
-both and picks per call by the number of rows.
+Decode is bound by reading weights, so small batches want low-bit weights (torch's int4 group-32
+kernel reads a quarter of the bytes of bf16); prefill chunks want a dense GEMM. Which kernel wins
+where depends on the CPU, so the choice is measured (layerserve.model.kernel_choice) and handed
+here as a ladder of (most rows, kernel).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 GROUP = 32
+QUANTIZED = ("q4", "q8", "int4", "int8")
 
 
 def int4_available() -> bool:
@@ -46,25 +50,79 @@ def dequantize_int4_reference(weight: torch.Tensor, scales_zeros: torch.Tensor) 
 
 
 class Linear:
-    """y = x W^T (+ b). With `int4=True`, batches of at most `int4_max_rows` rows use int4 weights."""
+    """y = x W^T (+ b), with a kernel per batch size.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int4: bool = False, int4_max_rows: int = 8) -> None:
-        self.weight = weight  # (N, K) in the model dtype
+    `ladder` is [(most rows, kernel name)] from a KernelPlan (layerserve.model.kernel_choice):
+    each call runs the first kernel whose bound covers its rows. Without a ladder it is a dense
+    matmul in the weight's dtype. Every kernel multiplies by the same values where it can: when
+    the ladder holds a quantized kernel, the dense kernels use its dequantized weights, so results
+    depend on the batch size only through accumulation order (and int8 vs int4 rounding when a
+    ladder mixes the two).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 ladder: list[tuple[int, str]] | None = None, act_dtype: torch.dtype | None = None) -> None:
+        from layerserve.model.kernel_choice import KERNELS, _int8_dequantized
+
         self.bias = bias
-        self.int4_max_rows = int4_max_rows
-        self.packed = self.scales_zeros = None
-        if int4 and weight.shape[1] % GROUP == 0:
-            self.packed, self.scales_zeros = quantize_int4(weight, weight.dtype)
-            # Dense path uses the same (dequantized) values, so results do not depend on batch size
-            # beyond accumulation order.
-            self.weight = dequantize_int4_reference(weight, self.scales_zeros)
+        self.out_features = weight.shape[0]
+        dtype = act_dtype or weight.dtype
+        self._ladder: list[tuple[int, Callable, object]] = []
+        if not ladder:
+            self._ladder = [(1 << 62, _dense, weight)]
+            self.weight = weight
+            self._states = {}
+            return
+        names = {name for _, name in ladder}
+        if weight.shape[1] % GROUP:
+            names = {"f32" if name in QUANTIZED else name for name in names}
+            ladder = [(rows, "f32" if name in QUANTIZED else name) for rows, name in ladder]
+        w = weight.float()
+        states: dict[str, object] = {}
+        if "q4" in names:  # the same grid as int4 (min/max per 32): both then multiply by these values
+            states["q4"] = KERNELS["q4"].prepare(w, dtype)
+            w = states["q4"].dequantize()
+        if "q8" in names:
+            states["q8"] = KERNELS["q8"].prepare(w, dtype)
+            if "q4" not in names:
+                w = states["q8"].dequantize()
+        if "int4" in names:
+            states["int4"] = KERNELS["int4"].prepare(w, dtype)
+            w = dequantize_int4_reference(w, states["int4"][1])
+        if "int8" in names:
+            states["int8"] = KERNELS["int8"].prepare(w, dtype)
+            if "int4" not in names:
+                w = _int8_dequantized(states["int8"])
+        for name in names - states.keys():
+            states[name] = KERNELS[name].prepare(w, dtype)
+        # The values every kernel multiplies by: not kept when only our kernels run (a float32 copy of
+        # every layer would double resident memory); `dequantized()` rebuilds them from the packing.
+        self.weight = w if names - {"q4", "q8"} else None
+        self._states = states
+        self._ladder = [(rows, KERNELS[name].run, states[name]) for rows, name in ladder]
+        self._ladder[-1] = (1 << 62, *self._ladder[-1][1:])  # the last kernel covers any larger batch
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
+    def dequantized(self) -> torch.Tensor:
+        """The dense weight this layer's kernels stand for."""
+        if self.weight is not None:
+            return self.weight
+        return self._states["q4" if "q4" in self._states else "q8"].dequantize()
+
+    def bytes_read(self, rows: int = 1) -> int:
+        """Bytes of weights one call with `rows` rows reads (for bandwidth bounds in benchmarks)."""
+        state = next(st for max_rows, _, st in self._ladder if rows <= max_rows)
+        parts = state if isinstance(state, tuple) else (state,)
+        total = sum(p.nbytes if hasattr(p, "nbytes") else 0 for p in parts)
+        return total + (self.bias.nbytes if self.bias is not None else 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] <= self.int4_max_rows:
-            y = torch._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_zeros)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        rows = x.shape[0]
+        for max_rows, run, state in self._ladder:
+            if rows <= max_rows:
+                y = run(x, state)
+                return y if self.bias is None else y + self.bias
+        raise AssertionError("unreachable: the last kernel covers every batch")
+
+
+def _dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from layerserve.config import ModelConfig
+from layerserve.model.kernel_choice import KernelPlan
 from layerserve.model.linear import Linear
 from layerserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from layerserve.model.registry import MODELS
@@ -51,17 +52,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def linear_shapes(c: ModelConfig, max_rows: int, max_head_rows: int) -> list[tuple[int, int, int]]:
+    """(N, K, most rows) of every distinct linear layer shape: what a KernelPlan measures."""
+    qkv = c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
+    return sorted({(qkv, c.hidden_size, max_rows), (c.hidden_size, c.num_heads * c.head_dim, max_rows),
+                   (2 * c.intermediate_size, c.hidden_size, max_rows), (c.hidden_size, c.intermediate_size, max_rows),
+                   (c.vocab_size, c.hidden_size, max_head_rows)})
+
+
 @MODELS.register("llama", "mistral", "qwen2", "qwen3", "smollm")
 class LlamaModel:
     """Inference-only weights and forward pass over flattened tokens of many sequences."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], freq_factors: torch.Tensor | None = None,
-                 max_positions: int | None = None, int4: bool = False) -> None:
-        """`int4`: keep the projection weights as int4 (group 32) for small batches (decode)."""
+                 max_positions: int | None = None, plan: KernelPlan | None = None) -> None:
+        """`plan`: the matmul kernel per layer shape and batch size (None: dense in the weights' dtype)."""
         self.config = config
         c = config
         self.embed = weights["model.embed_tokens.weight"]
-        self.lm_head = Linear(self.embed if c.tie_word_embeddings else weights["lm_head.weight"])
+        act = self.embed.dtype
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            ladder = plan.choices.get(f"{weight.shape[0]}x{weight.shape[1]}") if plan is not None else None
+            return Linear(weight, bias, ladder, act)
+
+        self.lm_head = linear(self.embed if c.tie_word_embeddings else weights["lm_head.weight"])
         self.norm = weights["model.norm.weight"]
         self.layers: list[dict[str, torch.Tensor | None]] = []
         for i in range(c.num_layers):
@@ -75,12 +90,12 @@ class LlamaModel:
             self.layers.append({
                 "ln1": w("input_layernorm.weight"),
                 "ln2": w("post_attention_layernorm.weight"),
-                "qkv": Linear(qkv, bias, int4=int4),
-                "o": Linear(w("self_attn.o_proj.weight"), int4=int4),
+                "qkv": linear(qkv, bias),
+                "o": linear(w("self_attn.o_proj.weight")),
                 "q_norm": w("self_attn.q_norm.weight"),
                 "k_norm": w("self_attn.k_norm.weight"),
-                "gate_up": Linear(gate_up, int4=int4),
-                "down": Linear(w("mlp.down_proj.weight"), int4=int4),
+                "gate_up": linear(gate_up),
+                "down": linear(w("mlp.down_proj.weight")),
             })
         n_pos = max_positions or c.max_position_embeddings
         freqs = torch.outer(torch.arange(n_pos, dtype=torch.float64), rope_inv_freq(c, freq_factors))

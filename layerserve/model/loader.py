@@ -40,6 +40,7 @@ _GGUF_LAYER_TO_HF = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+_DENSE_GGML_TYPES = {0, 1, 30}  # F32, F16, BF16
 # GGUF architectures whose converter permuted Q/K rows for interleaved RoPE.
 _PERMUTED_QK = {"llama", "mistral"}
 
@@ -53,6 +54,7 @@ class LoadedModel:
     config: ModelConfig
     weights: dict[str, torch.Tensor]  # HF names
     rope_freq_factors: torch.Tensor | None = None  # GGUF `rope_freqs.weight` (llama3 scaling, precomputed)
+    quantized: bool = False  # the file stores its projection weights quantized (GGUF Q4_0, Q8_0, K-quants...)
 
 
 def load_model_files(path: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = True) -> LoadedModel:
@@ -107,6 +109,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, progress: bool) -> LoadedModel:
     raw = np.memmap(path, dtype=np.uint8, mode="r")
     weights: dict[str, torch.Tensor] = {}
     freq_factors = None
+    quantized = False
     for t in tqdm(infos, desc=f"loading {path.name}", unit="tensor", disable=not progress):
         data = raw[t.offset:t.offset + tensor_nbytes(t.ggml_type, t.shape)]
         tensor = decode_tensor(data, t.ggml_type, t.shape)
@@ -121,7 +124,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, progress: bool) -> LoadedModel:
         elif arch in _PERMUTED_QK and name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = _unpermute_qk(tensor, config.num_kv_heads)
         weights[name] = tensor.to(dtype)
-    return LoadedModel(config=config, weights=weights, rope_freq_factors=freq_factors)
+        if name.endswith("proj.weight") and t.ggml_type not in _DENSE_GGML_TYPES:
+            quantized = True
+    return LoadedModel(config=config, weights=weights, rope_freq_factors=freq_factors, quantized=quantized)
 
 
 def _hf_name(gguf_name: str) -> str | None:
