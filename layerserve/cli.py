@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most sequences generated at once (continuous batching width)")
     serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=_SCHEDULER.max_num_batched_tokens,
                        help="token budget of one engine step (prefill chunks + decodes)")
-    serve.add_argument("--dtype", default=_ENGINE.dtype, choices=["float32", "bfloat16", "float16", "q4"],
-                       help="float32: exact parity with transformers; bfloat16; q4: int4 weights for decode, "
-                            "bf16 activations and KV (fastest on CPU)")
+    serve.add_argument("--dtype", default=_ENGINE.dtype, choices=["auto", "float32", "bfloat16", "float16", "q4"],
+                       help="auto: the fast path -- a quantized GGUF keeps its 4-bit layers (int8 head), each "
+                            "layer runs the kernel measured fastest on this CPU (cached), float32 activations and "
+                            "KV; top-1 agreement with float32 99.35%% on our test text. float32: exact parity with "
+                            "transformers (dense float32 weights); bfloat16; q4: the older int4 + bf16 recipe")
     serve.add_argument("--no-prefix-cache", action="store_true",
                        help="disable reuse of cached KV for shared prompt prefixes (earlier turns)")
     serve.add_argument("--max-body-bytes", type=parse_size, default=_SERVER.max_body_bytes,

@@ -45,7 +45,7 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str  # path or registry name
-    dtype: str = "float32"
+    dtype: str = "auto"  # the fast path: kernels measured per CPU, the GGUF's own quantization kept
     device: str = "cpu"
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -4,6 +4,7 @@ goes on, and when it truly cannot, every open stream ends with an error and `run
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -86,7 +87,15 @@ async def test_a_fault_outside_a_batch_fails_only_what_is_in_flight(smollm_token
 
 
 async def test_when_recovery_keeps_failing_every_stream_ends_and_the_engine_reports_dead(smollm_tokenizer):
-    core = make_core(smollm_tokenizer, num_blocks=256)
+    gate = threading.Event()
+    steps = []
+
+    def hold_after_first_step(out):
+        steps.append(out)
+        if len(steps) > 1:
+            gate.wait(30)  # the engine thread waits in its second forward until the faults are in
+
+    core = make_core(smollm_tokenizer, num_blocks=256, hook=hold_after_first_step)
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected persistent fault")
@@ -98,6 +107,7 @@ async def test_when_recovery_keeps_failing_every_stream_ends_and_the_engine_repo
             assert not (await stream.__anext__()).finished
         core.scheduler.schedule = broken
         core.fail_all = broken  # recovery fails too
+        gate.set()
         for stream in streams:  # nobody waits forever
             outs = await asyncio.wait_for(drain(stream), 30)
             assert outs[-1].finished and outs[-1].error == INTERNAL_ERROR
