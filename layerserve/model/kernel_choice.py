@@ -275,7 +275,7 @@ def choose_kernels(shapes: list[tuple[int, int, int]], quantized: bool, cpu: Cpu
              cpu.model, cpu.summary(), torch.get_num_threads(), time.perf_counter() - started, plan.table())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several servers may start at once
         tmp.write_text(json.dumps(plan.to_json()))
         tmp.replace(path)
     except OSError as exc:

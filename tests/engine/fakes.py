@@ -33,12 +33,13 @@ class FakeRunner:
 
 def make_core(tokenizer, *, num_blocks: int, block_size: int = 4, max_num_seqs: int = 64,
               max_num_batched_tokens: int = 512, max_model_len: int = 1024,
-              hook: Callable[[SchedulerOutput], None] | None = None) -> EngineCore:
+              hook: Callable[[SchedulerOutput], None] | None = None, runner=None) -> EngineCore:
+    """The real EngineCore over `runner` (default: a FakeRunner with `hook`)."""
     config = EngineConfig(model="fake", cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                                     max_num_batched_tokens=max_num_batched_tokens,
                                                     max_model_len=max_model_len))
-    return EngineCore(config, FakeRunner(tokenizer.vocab_size, hook), tokenizer, num_blocks)
+    return EngineCore(config, runner or FakeRunner(tokenizer.vocab_size, hook), tokenizer, num_blocks)
 
 
 def run_until_idle(core: EngineCore, max_steps: int = 10_000) -> list:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import fakes
 import pytest
 
-from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from layerserve.engine.core import EngineCore
 from layerserve.engine.request import FinishReason, SamplingParams
 from layerserve.model.runner import ModelOutput
@@ -99,13 +99,10 @@ class FakeRunner:
         return ModelOutput(tokens, [None] * len(tokens))
 
 
-def make_core(tokenizer, *, num_blocks: int, block_size: int = 4, max_num_seqs: int = 64,
-              max_num_batched_tokens: int = 512, max_model_len: int = 1024) -> EngineCore:
-    config = EngineConfig(model="fake", cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
-                          scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                                    max_num_batched_tokens=max_num_batched_tokens,
-                                                    max_model_len=max_model_len))
-    return EngineCore(config, FakeRunner(tokenizer.vocab_size, block_size), tokenizer, num_blocks)
+def make_core(tokenizer, *, num_blocks: int, block_size: int = 4, **limits) -> EngineCore:
+    """The real EngineCore over this file's checking runner."""
+    return fakes.make_core(tokenizer, num_blocks=num_blocks, block_size=block_size,
+                           runner=FakeRunner(tokenizer.vocab_size, block_size), **limits)
 
 
 def params(max_tokens: int, n: int = 1) -> SamplingParams:
