@@ -100,7 +100,9 @@ def build_engine(config: EngineConfig, progress: bool = True) -> tuple[EngineCor
         max_model_len = pool_tokens
     sched = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
     config = dataclasses.replace(config, scheduler=sched)
-    runner = ModelRunner(model, num_blocks, cache.block_size)
+    # The fast path decodes a lone stream on one thread (see ModelRunner); the reference path keeps
+    # its thread count fixed, so its numerics never depend on the batch.
+    runner = ModelRunner(model, num_blocks, cache.block_size, single_token_threads=1 if config.dtype == "auto" else None)
     core = EngineCore(config, runner, tokenizer, num_blocks)
     info = EngineInfo(str(path), mc, config.dtype, num_blocks, cache.block_size, num_blocks * per_block,
                       max_model_len, time.monotonic() - started)
