@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import os
 import statistics
 import subprocess
 import time
 from dataclasses import dataclass
 
 import torch
+
+from layerserve.model.cpu_load import CpuWatch  # noqa: F401  (re-exported for the benches)
 
 
 @dataclass(slots=True)
@@ -69,39 +70,6 @@ class PromptMaker:
         while len(body) < num_tokens:
             body = body + body
         return head + body[: num_tokens - len(head)]
-
-
-class CpuWatch:
-    """How many cores' worth of CPU other processes used while we measured (from /proc), so a
-    benchmark on a shared machine can retry contended runs and say how quiet its figures were."""
-
-    def __init__(self) -> None:
-        self.pids: list[int] = [os.getpid()]  # ours; add a peer server's pid while it runs
-        self._hz = os.sysconf("SC_CLK_TCK")
-        self._start: tuple[int, int, float] | None = None
-
-    def _pid_ticks(self, pid: int) -> int:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0
-        return int(fields[11]) + int(fields[12])  # utime + stime, all threads
-
-    def _sample(self) -> tuple[int, int, float]:
-        with open("/proc/stat") as f:
-            cpu = [int(x) for x in f.readline().split()[1:9]]
-        busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait; steal counts as contention
-        return busy, sum(self._pid_ticks(p) for p in self.pids), time.perf_counter()
-
-    def start(self) -> None:
-        self._start = self._sample()
-
-    def stop(self) -> float:
-        """Cores used by other processes since start()."""
-        busy0, ours0, t0 = self._start
-        busy1, ours1, t1 = self._sample()
-        return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / self._hz / max(t1 - t0, 1e-9))
 
 
 def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 10) -> float:

@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from layerserve.model.cpu_load import CpuWatch
+
 log = logging.getLogger("layerserve.engine")
 
 GROUP = 32
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 PLAN_VERSION = 4
+MAX_OTHER_CORES = 0.25  # other processes' CPU (cores) above which a measured plan is not cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,9 +273,16 @@ def choose_kernels(shapes: list[tuple[int, int, int]], quantized: bool, cpu: Cpu
     except (OSError, ValueError, KeyError):
         pass
     started = time.perf_counter()
+    watch = CpuWatch()
+    watch.start()
     plan = measure(shapes, names, exclude=exclude)
+    others = watch.stop()
     log.info("measured kernels on %s (%s, %d threads) in %.1f s; median time per call, us:\n%s",
              cpu.model, cpu.summary(), torch.get_num_threads(), time.perf_counter() - started, plan.table())
+    if others > MAX_OTHER_CORES:
+        log.warning("other processes used %.2f cores while the kernels were timed: this plan is used now but "
+                    "not cached, so the next start measures again", others)
+        return plan
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several servers may start at once
