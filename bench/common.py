@@ -91,9 +91,7 @@ def _bytes_read(obj) -> int:
         return 0
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if hasattr(obj, "bytes_read"):  # a layerserve Linear: what its one-row kernel reads
-        return obj.bytes_read(1)
-    return _bytes_read(obj.weight) + _bytes_read(getattr(obj, "bias", None))
+    return obj.bytes_read(1)  # a layerserve Linear: what its one-row kernel reads
 
 
 def weight_bytes_per_token(model) -> int:

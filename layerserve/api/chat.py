@@ -102,7 +102,7 @@ async def create_chat_completion(request: Request) -> Response:
     req = parse_request(ChatCompletionRequest, await request.body())
     params = sampling_params(req, max_tokens=completion_budget(req), logprobs=logprobs_setting(req),
                              max_n=state.max_n, vocab_size=rt.tokenizer.vocab_size)
-    plan, prompt_ids = await rt.offload(prepare_chat, req, rt, state.config)  # off the event loop
+    plan, prompt_ids, first_params = await rt.offload(prepare_chat, req, params, rt, state.config)  # off the loop
     options = req.stream_options
     ctx = ChatContext(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.config.served_model_name,
@@ -117,7 +117,8 @@ async def create_chat_completion(request: Request) -> Response:
     timeout = request_timeout(request, state.config.request_timeout)
     ticket = state.admission.admit(params.n, params.n * len(prompt_ids))  # 429 when the queue is full
     try:
-        turn = await ChatTurn.start(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs, state.metrics)
+        turn = ChatTurn(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs, state.metrics,
+                        first_params=first_params)
     except BaseException:
         ticket.release()
         raise

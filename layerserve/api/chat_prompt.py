@@ -7,7 +7,7 @@ tokens, so a message cannot close its turn and open a system one by writing "<|i
 template itself writes BOS where the model wants one.
 
 All of this is CPU work (jinja, tokenizing, JSON-schema checks, grammar compilation): the API
-runs it on the runtime's prep threads (`Runtime.offload` of `prepare_chat`, `constrained_async`),
+runs it on the runtime's prep threads (`Runtime.offload` of `prepare_chat`),
 never on the event loop.
 """
 
@@ -192,18 +192,12 @@ def prompt_ids(plan: ChatPlan, rt: Runtime, extra: dict[str, Any] | None) -> lis
     return template_prompt_ids(rt, plan.messages, plan.tools, extra)
 
 
-def prepare_chat(req: ChatCompletionRequest, rt: Runtime, config: ServerConfig) -> tuple[ChatPlan, list[int]]:
-    """`plan_request` and the first request's prompt ids: one request's preparation, for a prep
-    thread (`Runtime.offload`)."""
+def prepare_chat(req: ChatCompletionRequest, params: SamplingParams, rt: Runtime,
+                 config: ServerConfig) -> tuple[ChatPlan, list[int], SamplingParams]:
+    """One chat request's preparation, for a prep thread (`Runtime.offload`): its plan, the first
+    engine request's prompt ids and its constrained sampling params (the grammar compiled)."""
     plan = plan_request(req, rt, config)
-    return plan, prompt_ids(plan, rt, req.chat_template_kwargs)
-
-
-async def constrained_async(plan: ChatPlan, params: SamplingParams, rt: Runtime) -> SamplingParams:
-    """`constrained`, compiling the plan's grammar (if it has one) on a prep thread."""
-    if plan.constraint is None:
-        return constrained(plan, params, rt)
-    return await rt.offload(constrained, plan, params, rt)
+    return plan, prompt_ids(plan, rt, req.chat_template_kwargs), constrained(plan, params, rt)
 
 
 def constrained(plan: ChatPlan, params: SamplingParams, rt: Runtime) -> SamplingParams:

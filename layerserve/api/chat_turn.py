@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from layerserve.api.chat_prompt import constrained, constrained_async, prompt_ids
+from layerserve.api.chat_prompt import constrained, prompt_ids
 from layerserve.api.observe import RequestMetrics
 from layerserve.api.runs import Run, Usage, finish_reason
 from layerserve.api.state import Runtime
@@ -40,8 +40,8 @@ class ChatTurn:
     """Owns the engine requests of one chat completion; `close()` aborts whatever still runs.
 
     The first engine request starts in the constructor, so a request the engine refuses (too
-    long for the context) fails before any response header is sent. Make one with `start`, which
-    compiles the plan's grammar off the event loop; `first_params` is `constrained(plan, params)`."""
+    long for the context) fails before any response header is sent. `first_params` are the first
+    request's params, `constrained(plan, params)` (compiled off the event loop: `prepare_chat`)."""
 
     def __init__(self, rt: Runtime, request_id: str, plan: ChatPlan, params: SamplingParams,
                  prompt_ids: list[int], template_kwargs: dict[str, Any] | None,
@@ -55,14 +55,6 @@ class ChatTurn:
         self.usage = Usage()
         self._runs = [Run(rt.engine, request_id, prompt_ids, first_params, metrics)]
         self._parsers: list[ToolCallParser | None] = [plan.new_parser() for _ in range(params.n)]
-
-    @classmethod
-    async def start(cls, rt: Runtime, request_id: str, plan: ChatPlan, params: SamplingParams,
-                    prompt_ids: list[int], template_kwargs: dict[str, Any] | None,
-                    metrics: RequestMetrics | None = None) -> ChatTurn:
-        """The turn, its first engine request started (its grammar compiled on a prep thread)."""
-        first = await constrained_async(plan, params, rt)
-        return cls(rt, request_id, plan, params, prompt_ids, template_kwargs, metrics, first_params=first)
 
     def close(self) -> None:
         for run in self._runs:

@@ -183,9 +183,6 @@ class KernelPlan:
                 return name
         return ladder[-1][1]
 
-    def kernels_of(self, n: int, k: int) -> set[str]:
-        return {name for _, name in self.choices[f"{n}x{k}"]}
-
     def to_json(self) -> dict:
         return {"version": PLAN_VERSION, "choices": self.choices,
                 "timings": {s: {k: {str(r): t for r, t in v.items()} for k, v in kt.items()}
@@ -201,7 +198,8 @@ class KernelPlan:
 
     def table(self) -> str:
         """The measured timings per candidate (microseconds) and the choice, one line per shape and rows."""
-        lines = []
+        used = sorted({name for per_kernel in self.timings.values() for name in per_kernel})
+        lines = [f"  {name}: {KERNELS[name].describe}" for name in used if name in KERNELS]
         for shape, per_kernel in self.timings.items():
             rows = sorted({r for v in per_kernel.values() for r in v})
             for r in rows:

@@ -70,8 +70,6 @@ class Linear:
         self._ladder: list[tuple[int, Callable, object]] = []
         if not ladder:
             self._ladder = [(1 << 62, _dense, weight)]
-            self.weight = weight
-            self._states = {}
             return
         names = {name for _, name in ladder}
         if weight.shape[1] % GROUP:
@@ -95,18 +93,10 @@ class Linear:
                 w = _int8_dequantized(states["int8"])
         for name in names - states.keys():
             states[name] = KERNELS[name].prepare(w, dtype)
-        # The values every kernel multiplies by: not kept when only our kernels run (a float32 copy of
-        # every layer would double resident memory); `dequantized()` rebuilds them from the packing.
-        self.weight = w if names - {"q4", "q8"} else None
-        self._states = states
+        # Only the kernels' own states are kept (`w`, a float32 copy, is one of them only when a
+        # float32 kernel runs): a dense copy beside packed weights would multiply resident memory.
         self._ladder = [(rows, KERNELS[name].run, states[name]) for rows, name in ladder]
         self._ladder[-1] = (1 << 62, *self._ladder[-1][1:])  # the last kernel covers any larger batch
-
-    def dequantized(self) -> torch.Tensor:
-        """The dense weight this layer's kernels stand for."""
-        if self.weight is not None:
-            return self.weight
-        return self._states["q4" if "q4" in self._states else "q8"].dequantize()
 
     def bytes_read(self, rows: int = 1) -> int:
         """Bytes of weights one call with `rows` rows reads (for bandwidth bounds in benchmarks)."""

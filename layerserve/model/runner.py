@@ -57,9 +57,10 @@ def penalty_state(seq: Sequence, vocab: int) -> PenaltyState:
 
 class ModelRunner:
     """`single_token_threads`: torch threads for steps that compute one token (a lone decode). On
-    2 cores one thread decoded a single stream faster than two (76.6 vs 64.2 tok/s, measured) and,
-    with another process keeping a core busy, kept 97% of its speed where two threads kept 28%
-    (their OpenMP barrier waits on a thread that has no core). None: always all threads."""
+    2 cores, interleaved A/B with the default model, one thread for such steps decoded a single
+    stream at 72.9-76.9 tok/s against 63.6-68.8 with two and, with another process keeping a core
+    busy, kept 72-76% of its quiet speed where two threads kept 24-26% (their OpenMP barrier waits
+    on a thread that has no core). None: always all threads."""
 
     def __init__(self, model, num_blocks: int, block_size: int, single_token_threads: int | None = None) -> None:
         self.model = model
@@ -165,7 +166,9 @@ class ModelRunner:
             top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab for p in ps]),
             top_p=torch.tensor([p.top_p for p in ps]),
             min_p=torch.tensor([p.min_p for p in ps]),
-            keys=torch.tensor([noise_key(s.seed, s.index, s.num_output_tokens) for s in seqs], dtype=torch.int64),
+            # greedy rows draw no noise: no key to hash for them
+            keys=torch.tensor([0 if p.greedy else noise_key(s.seed, s.index, s.num_output_tokens)
+                               for s, p in zip(seqs, ps)], dtype=torch.int64),
             all_greedy=all(p.greedy for p in ps),
             needs_filter=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps),
         )
