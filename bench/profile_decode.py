@@ -1,7 +1,7 @@
 """Where one decode stream spends its time: cProfile of a single-stream greedy generate, plus
 torch's operator profile of the same run.
 
-    .venv/bin/python bench/profile_decode.py [--tokens 64] [--dtype float32] [--top 25]
+    .venv/bin/python bench/profile_decode.py [--tokens 64] [--dtype float32] [--no-compile] [--top 25]
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--no-compile", action="store_true", help="eager steps only (the reference)")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
 
-    llm = LLM(dtype=args.dtype, progress=False)
+    llm = LLM(dtype=args.dtype, compile=not args.no_compile, progress=False)
     prompt = llm.encode_chat([{"role": "user", "content": "Write a long story about a lighthouse keeper."}])
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
     llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "layer runs the kernel measured fastest on this CPU (cached), float32 activations and "
                             "KV; top-1 agreement with float32 99.35%% on our test text. float32: exact parity with "
                             "transformers (dense float32 weights); bfloat16; q4: the older int4 + bf16 recipe")
+    serve.add_argument("--no-compile", action="store_true",
+                       help="with --dtype auto, run every step op by op in eager torch (the reference) instead of "
+                            "the compiled C++ step that runs steps of up to 64 rows (decode batches) in one call")
     serve.add_argument("--no-prefix-cache", action="store_true",
                        help="disable reuse of cached KV for shared prompt prefixes (earlier turns)")
     serve.add_argument("--max-body-bytes", type=parse_size, default=_SERVER.max_body_bytes,
@@ -139,6 +142,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     engine = EngineConfig(
         model=args.model,
         dtype=args.dtype,
+        compile=not args.no_compile,
         cache=CacheConfig(kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_cache),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),

@@ -46,6 +46,7 @@ class SchedulerConfig:
 class EngineConfig:
     model: str  # path or registry name
     dtype: str = "auto"  # the fast path: kernels measured per CPU, the GGUF's own quantization kept
+    compile: bool = True  # auto: steps of few rows run as one C++ call (model/compiled_step.py); False: eager torch
     device: str = "cpu"
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)

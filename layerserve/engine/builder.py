@@ -13,6 +13,7 @@ import torch
 from layerserve.config import EngineConfig, ModelConfig
 from layerserve.engine.core import EngineCore
 from layerserve.model_files import resolve_model_path
+from layerserve.model.compiled_step import CompiledStep
 from layerserve.model.kernel_choice import KernelPlan, choose_kernels
 from layerserve.model.linear import int4_available
 from layerserve.model.llama import linear_shapes
@@ -102,7 +103,10 @@ def build_engine(config: EngineConfig, progress: bool = True) -> tuple[EngineCor
     config = dataclasses.replace(config, scheduler=sched)
     # The fast path decodes a lone stream on one thread (see ModelRunner); the reference path keeps
     # its thread count fixed, so its numerics never depend on the batch.
-    runner = ModelRunner(model, num_blocks, cache.block_size, single_token_threads=1 if config.dtype == "auto" else None)
+    # The compiled step serves the fast path; float32 stays the eager reference (exact parity).
+    compiled = CompiledStep(model) if config.dtype == "auto" and config.compile else None
+    runner = ModelRunner(model, num_blocks, cache.block_size, single_token_threads=1 if config.dtype == "auto" else None,
+                         compiled=compiled if compiled is not None and compiled.available else None)
     core = EngineCore(config, runner, tokenizer, num_blocks)
     info = EngineInfo(str(path), mc, config.dtype, num_blocks, cache.block_size, num_blocks * per_block,
                       max_model_len, time.monotonic() - started)

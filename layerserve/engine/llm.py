@@ -31,12 +31,13 @@ class LLM:
     """Runs the engine synchronously in the caller's thread. Prompts are strings (tokenized
     as-is), token-id lists, or chat message lists (rendered with the model's template)."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", kv_cache_memory: int = 1 << 30,
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", compile: bool = True, kv_cache_memory: int = 1 << 30,
                  max_model_len: int = 8192, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, num_blocks: int | None = None, progress: bool = True) -> None:
         config = EngineConfig(
             model=model or "default",
             dtype=dtype,
+            compile=compile,
             cache=CacheConfig(kv_cache_memory=kv_cache_memory, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len),
         )

@@ -53,7 +53,10 @@ Q8_BLOCK_BYTES = TILE * GROUP + 2 * TILE  # 512 int8 + 16 fp16 scales
 PATHS = {"plain": 0, "avx2": 1, "avx512": 2}
 _PATH_NAMES = {v: k for k, v in PATHS.items()}
 
-_SOURCE = Path(__file__).with_name("q4_gemm.cpp")
+_HERE = Path(__file__).parent
+# One library: the matmuls, and the whole-stack decode step that calls them without the dispatcher.
+_SOURCES = [_HERE / "q4_gemm.cpp", _HERE / "decode_step.cpp"]
+_HEADERS = [_HERE / "q4_gemm.h"]
 # No -march: the cached library may move between hosts. Vector code carries per-function target
 # attributes and is dispatched at run time. -ffp-contract=off keeps the plain path's float
 # arithmetic exactly what it says (the vector paths use explicit FMAs), so all paths agree bitwise.
@@ -90,7 +93,7 @@ def _build_flags() -> list[str]:
 def library_path() -> Path:
     """Where the compiled kernel for this source, these flags and this torch lives (built or not)."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_build_flags()).encode(), torch.__version__.encode(),
+    for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), " ".join(_build_flags()).encode(), torch.__version__.encode(),
                  str(torch.version.git_version).encode(), platform.machine().encode(), torch.__file__.encode()):
         key.update(part)
         key.update(b"\0")
@@ -106,7 +109,7 @@ def _compile(target: Path) -> None:
     # thread pool (a second libgomp would start a second team).
     gomp = sorted(glob.glob(os.path.join(libdir, "libgomp*.so*")))
     omp_link = [gomp[0]] if gomp else ["-fopenmp"]
-    cmd = [os.environ.get("CXX", "c++"), *_build_flags(), *[f"-I{p}" for p in includes], str(_SOURCE),
+    cmd = [os.environ.get("CXX", "c++"), *_build_flags(), *[f"-I{p}" for p in includes], *map(str, _SOURCES),
            "-o", str(tmp), f"-L{libdir}", "-lc10", "-ltorch_cpu", *omp_link, f"-Wl,-rpath,{libdir}"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -115,7 +118,7 @@ def _compile(target: Path) -> None:
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        raise RuntimeError(f"compiling {_SOURCE.name} failed ({cmd[0]}, exit {proc.returncode}):\n" + "\n".join(tail))
+        raise RuntimeError(f"compiling {', '.join(f.name for f in _SOURCES)} failed ({cmd[0]}, exit {proc.returncode}):\n" + "\n".join(tail))
     os.replace(tmp, target)  # atomic: concurrent builders each leave a complete file
 
 
@@ -216,6 +219,12 @@ def cpu_paths() -> list[str]:
     if not available():
         return []
     return [_PATH_NAMES[c] for c in torch.ops.layerserve_q4.paths()]
+
+
+def default_path_code() -> int:
+    """The path code the ops run by default in this process (LAYERSERVE_Q4_PATH as read at load; -1 = best)."""
+    _load()
+    return _default_code
 
 
 def _path_code(path: str | None) -> int:

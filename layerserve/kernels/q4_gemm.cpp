@@ -36,6 +36,8 @@
 // both; each row accumulates exactly as in the one-pass kernel and the tile kernel stores the float32
 // sum of the two accumulators (acc(q1) + acc(q2)): y = sum_g d*(dx*isum(q,q1) + dr*isum(q,q2)) + m*(sx + sr).
 
+#include "q4_gemm.h"
+
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -707,6 +709,16 @@ int64_t q4_threads_seen() {
 }
 
 }  // namespace
+
+namespace layerserve_q4 {
+at::Tensor matmul_q4(const at::Tensor& x, const at::Tensor& w, int64_t n, int64_t path, bool precise) {
+  return q4_matmul(x, w, n, path, precise);
+}
+at::Tensor matmul_q8(const at::Tensor& x, const at::Tensor& w, int64_t n, int64_t path, bool precise) {
+  return q8_matmul(x, w, n, path, precise);
+}
+int64_t resolve_path(int64_t path) { return resolve(path); }
+}  // namespace layerserve_q4
 
 TORCH_LIBRARY(layerserve_q4, m) {
   m.def("matmul(Tensor x, Tensor w, int n, int path=-1, bool precise=False) -> Tensor");

@@ -68,8 +68,10 @@ class Linear:
         self.out_features = weight.shape[0]
         dtype = act_dtype or weight.dtype
         self._ladder: list[tuple[int, Callable, object]] = []
+        self._names: list[str] = []
         if not ladder:
             self._ladder = [(1 << 62, _dense, weight)]
+            self._names = ["dense"]
             return
         names = {name for _, name in ladder}
         if weight.shape[1] % GROUP:
@@ -97,6 +99,14 @@ class Linear:
         # float32 kernel runs): a dense copy beside packed weights would multiply resident memory.
         self._ladder = [(rows, KERNELS[name].run, states[name]) for rows, name in ladder]
         self._ladder[-1] = (1 << 62, *self._ladder[-1][1:])  # the last kernel covers any larger batch
+        self._names = [name for _, name in ladder]
+
+    def kernel_at(self, rows: int) -> tuple[str, object]:
+        """(kernel name, its state) that a call with `rows` rows runs ("dense": the plain weight)."""
+        for (max_rows, _, state), name in zip(self._ladder, self._names):
+            if rows <= max_rows:
+                return name, state
+        raise AssertionError("unreachable: the last kernel covers every batch")
 
     def bytes_read(self, rows: int = 1) -> int:
         """Bytes of weights one call with `rows` rows reads (for bandwidth bounds in benchmarks)."""

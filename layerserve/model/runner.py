@@ -14,6 +14,7 @@ from layerserve.engine.request import TokenLogprob
 from layerserve.engine.scheduler import SchedulerOutput
 from layerserve.engine.sequence import Sequence
 from layerserve.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk, group_by_length
+from layerserve.model.compiled_step import CompiledStep, StepRows
 from layerserve.model.sampler import SamplingBatch, noise_key, sample
 
 
@@ -62,8 +63,12 @@ class ModelRunner:
     busy, kept 72-76% of its quiet speed where two threads kept 24-26% (their OpenMP barrier waits
     on a thread that has no core). None: always all threads."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, single_token_threads: int | None = None) -> None:
+    def __init__(self, model, num_blocks: int, block_size: int, single_token_threads: int | None = None,
+                 compiled: CompiledStep | None = None) -> None:
+        """`compiled`: runs steps of few rows (layerserve.model.compiled_step) where it can; the
+        eager forward runs the rest, and every step when None."""
         self.model = model
+        self.compiled = compiled
         self.single_token_threads = single_token_threads
         self.threads = torch.get_num_threads()
         c = model.config
@@ -81,8 +86,12 @@ class ModelRunner:
             want = self.single_token_threads if out.num_batched_tokens <= 1 else self.threads
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
-        input_ids, positions, meta, last_rows = self._prepare(out)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv)
+        compiled = self.compiled is not None and self.compiled.rows_supported(out.num_batched_tokens)
+        input_ids, positions, meta, last_rows = self._prepare(out, compiled)
+        if compiled:
+            hidden = self.compiled(input_ids, meta, self.kv)
+        else:
+            hidden = self.model.forward(input_ids, positions, meta, self.kv)
         for src, dst in out.copies:  # after the forward: the parent's last block is now written
             bs = self.block_size
             self.kv[:, :, dst * bs:(dst + 1) * bs] = self.kv[:, :, src * bs:(src + 1) * bs]
@@ -104,8 +113,9 @@ class ModelRunner:
                     logprobs[i] = TokenLogprob(token_ids[i], chosen[i], list(zip(top_ids[i][:k], top_lp[i][:k])))
         return ModelOutput(token_ids, logprobs)
 
-    def _prepare(self, out: SchedulerOutput):
-        """Flatten the step's tokens and build every index tensor attention needs, vectorized."""
+    def _prepare(self, out: SchedulerOutput, compiled: bool = False):
+        """Flatten the step's tokens and build every index tensor attention needs, vectorized: the
+        compiled step's StepRows, or the eager step's AttentionMetadata."""
         bs = self.block_size
         ids: list[int] = []
         starts: list[int] = []  # first position computed per sequence
@@ -131,6 +141,9 @@ class ModelRunner:
         ctx_lens = starts_t + counts_t
         row0 = (torch.cumsum(counts_t, 0) - counts_t).tolist()
         last_rows = [r + n - 1 for r, n in zip(row0, counts)]
+        if compiled:
+            rows = StepRows(positions, slot_mapping, ctx_slots, seq_of_row, positions + 1)
+            return torch.tensor(ids), positions, rows, last_rows
         decode = [i for i, n in enumerate(counts) if n == 1]
         meta = AttentionMetadata(slot_mapping=slot_mapping, decodes=[], prefills=[])
         if decode:
