@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -10,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
+from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig, SpeculativeConfig
 from layerserve.text.tool_parsers import TOOL_FORMATS
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
@@ -18,6 +19,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "m
 _DEFAULT_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
 # Defaults come from instances: a slots dataclass has no class-level default values.
 _SERVER, _SCHEDULER, _ENGINE = ServerConfig(), SchedulerConfig(), EngineConfig(model="default")
+_SPEC = SpeculativeConfig()
 log = logging.getLogger("layerserve")
 
 
@@ -114,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-compile", action="store_true",
                        help="with --dtype auto, run every step op by op in eager torch (the reference) instead of "
                             "the compiled C++ step that runs steps of up to 64 rows (decode batches) in one call")
+    serve.add_argument("--draft-tokens", type=_nonnegative_int, default=_SPEC.num_draft_tokens,
+                       help="prompt-lookup speculative decoding: most tokens drafted per step for a sequence whose "
+                            "last tokens occurred earlier in its context, verified in the same forward (output "
+                            f"unchanged; only while at most {_SPEC.max_batch} sequences run); 0 turns it off")
     serve.add_argument("--no-prefix-cache", action="store_true",
                        help="disable reuse of cached KV for shared prompt prefixes (earlier turns)")
     serve.add_argument("--max-body-bytes", type=parse_size, default=_SERVER.max_body_bytes,
@@ -143,6 +149,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         model=args.model,
         dtype=args.dtype,
         compile=not args.no_compile,
+        speculative=dataclasses.replace(_SPEC, num_draft_tokens=args.draft_tokens) if args.draft_tokens > 0 else None,
         cache=CacheConfig(kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_cache),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_model_len=args.max_model_len),

@@ -43,10 +43,24 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Prompt-lookup speculative decoding (layerserve/engine/draft.py): a decoding sequence whose last
+    tokens occurred earlier in its prompt or output drafts the tokens that followed them there, and
+    one forward verifies them. Drafting only pays while a step is memory-bound (few rows), hence
+    max_batch."""
+
+    num_draft_tokens: int = 3  # most tokens drafted per sequence and step
+    min_ngram: int = 3  # shortest suffix that must match earlier tokens
+    max_ngram: int = 5  # longest suffix tried first
+    max_batch: int = 2  # draft only while at most this many sequences are running
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str  # path or registry name
     dtype: str = "auto"  # the fast path: kernels measured per CPU, the GGUF's own quantization kept
     compile: bool = True  # auto: steps of few rows run as one C++ call (model/compiled_step.py); False: eager torch
+    speculative: SpeculativeConfig | None = field(default_factory=SpeculativeConfig)  # None: no drafting
     device: str = "cpu"
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)

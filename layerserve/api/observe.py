@@ -94,9 +94,15 @@ class EngineCollector:
             "num_preemptions": ("Sequences preempted for lack of KV blocks", s.num_preemptions),
             "engine_steps": ("Engine steps run", s.num_steps),
             "engine_failed_batches": ("Engine steps that raised; their requests failed", s.num_failed_batches),
+            "spec_decode_num_draft_tokens": ("Draft tokens computed (prompt-lookup speculative decoding)",
+                                             s.spec_draft_tokens),
+            "spec_decode_num_accepted_tokens": ("Draft tokens kept: the sampled token was the drafted one",
+                                                s.spec_accepted_tokens),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(f"layerserve:{name}", doc, value=value)
+        yield GaugeMetricFamily("layerserve:spec_decode_acceptance_rate", "Kept share of draft tokens (0 before any)",
+                                value=s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0)
 
 
 class Observability:

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from layerserve.config import EngineConfig
+from layerserve.engine.draft import DraftStats, PromptLookup
 from layerserve.engine.kv_cache import KVCacheManager
 from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from layerserve.engine.scheduler import Scheduler
@@ -43,6 +44,8 @@ class EngineStats:
     num_preemptions: int
     num_steps: int
     num_failed_batches: int  # steps whose forward or update raised (their requests failed)
+    spec_draft_tokens: int = 0  # draft tokens computed (speculative decoding)
+    spec_accepted_tokens: int = 0  # of which kept
 
 
 class EngineCore:
@@ -52,7 +55,9 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.max_model_len = config.scheduler.max_model_len
         self.kv = KVCacheManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        spec = config.speculative
+        drafter = PromptLookup(spec) if spec is not None and spec.num_draft_tokens > 0 else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, drafter)
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
         self.groups: dict[str, RequestGroup] = {}
         self._seq_ids = itertools.count()
@@ -127,15 +132,29 @@ class EngineCore:
         result = self.runner.execute(out)
         for item in out.scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
+            seq.num_computed_tokens += item.num_new_tokens - len(item.draft)  # draft tokens count once kept
             seq.num_indexed_blocks = self.kv.cache_full_blocks(
                 seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes, seq.num_indexed_blocks
             )
         touched: dict[str, RequestGroup] = {}
-        for (seq, _), token_id, logprob in zip(out.samples, result.token_ids, result.logprobs):
+        for (seq, row), token_ids, logprobs in zip(out.samples, result.token_ids, result.logprobs):
             if seq.finished:
                 continue
-            if self.outputs.append_token(seq, token_id, logprob):
+            item = out.scheduled[row]
+            if item.draft and item.seq is seq:
+                self.scheduler.drafter.record(len(item.draft), len(token_ids) - 1)
+            finished = False
+            for j, (token_id, logprob) in enumerate(zip(token_ids, logprobs)):
+                finished = self.outputs.append_token(seq, token_id, logprob)
+                if j < len(token_ids) - 1:  # a kept draft token: its KV was computed this step
+                    seq.num_computed_tokens += 1
+                if finished:
+                    break
+            if len(token_ids) > 1:
+                seq.num_indexed_blocks = self.kv.cache_full_blocks(
+                    seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes, seq.num_indexed_blocks
+                )
+            if finished:
                 self.scheduler.finish(seq)
             touched[seq.group.request_id] = seq.group
         outputs = []
@@ -164,6 +183,8 @@ class EngineCore:
         return outputs
 
     def stats(self) -> EngineStats:
+        drafter = self.scheduler.drafter
+        drafted = drafter.stats if drafter is not None else DraftStats()
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -176,4 +197,6 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps,
             num_failed_batches=self.num_failed_batches,
+            spec_draft_tokens=drafted.drafted,
+            spec_accepted_tokens=drafted.accepted,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from layerserve.engine.builder import build_engine
 from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
@@ -31,13 +31,14 @@ class LLM:
     """Runs the engine synchronously in the caller's thread. Prompts are strings (tokenized
     as-is), token-id lists, or chat message lists (rendered with the model's template)."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", compile: bool = True, kv_cache_memory: int = 1 << 30,
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", compile: bool = True, draft_tokens: int = 3, kv_cache_memory: int = 1 << 30,
                  max_model_len: int = 8192, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, num_blocks: int | None = None, progress: bool = True) -> None:
         config = EngineConfig(
             model=model or "default",
             dtype=dtype,
             compile=compile,
+            speculative=SpeculativeConfig(num_draft_tokens=draft_tokens) if draft_tokens > 0 else None,
             cache=CacheConfig(kv_cache_memory=kv_cache_memory, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len),
         )

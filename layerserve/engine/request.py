@@ -38,6 +38,10 @@ class LogitsMask(Protocol):
     def is_finished(self) -> bool:
         """True once the constraint admits only end-of-sequence."""
 
+    # Optional, for speculative decoding (a mask without them gets no drafts):
+    # valid_prefix(tokens) -> int: how many leading tokens the constraint admits from here;
+    # draft_masks(tokens) -> list of len(tokens) + 1 masks, after each prefix, state unchanged.
+
 
 @dataclass(slots=True)
 class SamplingParams:

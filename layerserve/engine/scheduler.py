@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from layerserve.config import SchedulerConfig
+from layerserve.engine.draft import NgramIndex, PromptLookup
 from layerserve.engine.kv_cache import KVCacheManager
 from layerserve.engine.request import SequenceStatus
 from layerserve.engine.sequence import RequestGroup, Sequence
@@ -21,7 +22,8 @@ from layerserve.engine.sequence import RequestGroup, Sequence
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens (draft included)
+    draft: list[int] = field(default_factory=list)  # drafted tokens after the sequence's last, computed too
 
 
 @dataclass(slots=True)
@@ -44,9 +46,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, drafter: PromptLookup | None = None) -> None:
+        """`drafter`: proposes draft tokens for decoding sequences (speculative decoding); None: never."""
         self.config = config
         self.kv = kv
+        self.drafter = drafter
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -66,6 +70,15 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            draft = self._draft(seq, budget - 1) if num_new == 1 and self.drafter is not None else []
+            if draft:  # a draft only takes blocks that are free: it never preempts
+                need = self.kv.blocks_needed(seq.num_computed_tokens + 1 + len(draft)) - len(seq.block_table)
+                if need <= self.kv.num_free_blocks:
+                    seq.block_table += self.kv.allocate(need)
+                    scheduled.append(ScheduledSeq(seq, 1 + len(draft), draft))
+                    budget -= 1 + len(draft)
+                    i += 1
+                    continue
             need = self.kv.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_table)
             while need > self.kv.num_free_blocks and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
@@ -82,6 +95,26 @@ class Scheduler:
             budget = self._admit(scheduled, budget)
         samples, copies = self._samples_and_forks(scheduled)
         return SchedulerOutput(scheduled, samples, copies)
+
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """Draft tokens for a decoding sequence: none while the batch is too wide for drafting to
+        pay, none past max_tokens or the context, and under a grammar only what it admits."""
+        drafter = self.drafter
+        cfg = drafter.config
+        if len(self.running) > cfg.max_batch:
+            return []
+        limit = min(cfg.num_draft_tokens, room, self.config.max_model_len - seq.num_tokens - 1)
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
+        mask = seq.logits_mask
+        if limit <= 0 or (mask is not None and not hasattr(mask, "valid_prefix")):
+            return []
+        if seq.draft_index is None:
+            seq.draft_index = NgramIndex()
+        draft = drafter.propose(seq.token_ids, seq.draft_index, limit)
+        if draft and mask is not None:
+            draft = draft[:mask.valid_prefix(draft)]
+        return draft
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

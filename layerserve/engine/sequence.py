@@ -57,6 +57,7 @@ class Sequence:
     logits_mask: object | None = None  # LogitsMask (grammar) of this sample
     stop_matcher: object | None = None  # StopStringMatcher when the request has stop strings
     penalty_state: object | None = None  # the runner's incremental token counts (penalties only)
+    draft_index: object | None = None  # NgramIndex of its tokens once the scheduler drafts for it
     # Pending output since the last RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)

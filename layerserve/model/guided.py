@@ -98,6 +98,23 @@ class GrammarMask:
             if self._output.endswith(shared.stop_after):
                 self._stopped = shared.stop_when(self._output.decode("utf-8", errors="replace"))
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the grammar admits from here (speculative drafts). 0 under a
+        stop check, whose state follows the output bytes and is not rolled back."""
+        if self._stopped or self._shared.stop_after is not None or self._matcher.is_error():
+            return 0
+        return self._matcher.validate_tokens(tokens)
+
+    def draft_masks(self, tokens: list[int]) -> list[torch.Tensor]:
+        """The allowed-token masks after each prefix of `tokens` (len(tokens) + 1 of them, the first
+        one now), for `tokens` the grammar admits (valid_prefix); the state is left as it was."""
+        masks = [self.allowed_mask()]
+        for token in tokens:
+            self._matcher.consume_token(token)
+            masks.append(self.allowed_mask())
+        self._matcher.rollback(len(tokens))
+        return masks
+
     def is_finished(self) -> bool:
         return self._stopped or self._matcher.is_stopped()
 

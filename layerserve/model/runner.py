@@ -20,10 +20,11 @@ from layerserve.model.sampler import SamplingBatch, noise_key, sample
 
 @dataclass(slots=True)
 class ModelOutput:
-    """Per entry of SchedulerOutput.samples: the new token and, when asked, its logprobs."""
+    """Per entry of SchedulerOutput.samples: its new tokens (one, or with a draft, the draft tokens
+    kept and the token sampled after them) and, when asked, their logprobs."""
 
-    token_ids: list[int]
-    logprobs: list[TokenLogprob | None]
+    token_ids: list[list[int]]
+    logprobs: list[list[TokenLogprob | None]]
 
 
 def kv_bytes_per_token(model) -> int:
@@ -97,21 +98,46 @@ class ModelRunner:
             self.kv[:, :, dst * bs:(dst + 1) * bs] = self.kv[:, :, src * bs:(src + 1) * bs]
         if not out.samples:
             return ModelOutput([], [])
-        rows = torch.tensor([last_rows[row] for _, row in out.samples])
-        logits = self.model.logits(hidden[rows])  # (S, V)
-        seqs = [seq for seq, _ in out.samples]
-        batch = self._sampling_batch(seqs, logits.shape[-1])
-        result = sample(logits, batch)
+        rows = self._sample_rows(out, last_rows)
+        logits = self.model.logits(hidden[torch.tensor([r.row for r in rows])])  # (R, V)
+        result = sample(logits, self._sampling_batch(rows, logits.shape[-1]))
         token_ids = result.token_ids.tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
         if result.logprobs is not None:
             chosen = result.logprobs.tolist()
             top_ids, top_lp = result.top_ids.tolist(), result.top_logprobs.tolist()
-            for i, seq in enumerate(seqs):
-                k = seq.params.logprobs
+            for i, r in enumerate(rows):
+                k = r.seq.params.logprobs
                 if k is not None:
                     logprobs[i] = TokenLogprob(token_ids[i], chosen[i], list(zip(top_ids[i][:k], top_lp[i][:k])))
-        return ModelOutput(token_ids, logprobs)
+        # Per sample: the draft is kept up to its first token that differs from what was sampled at
+        # that row, and the sampled token there is kept too (every row is sampled as it would have
+        # been without the draft, so the output does not depend on drafting).
+        tokens: list[list[int]] = []
+        lps: list[list[TokenLogprob | None]] = []
+        for i, r in enumerate(rows):
+            if r.offset == 0:
+                tokens.append([token_ids[i]])
+                lps.append([logprobs[i]])
+            elif r.prior[-1] == tokens[-1][-1] and len(tokens[-1]) == r.offset:  # the row before it was kept
+                tokens[-1].append(token_ids[i])
+                lps[-1].append(logprobs[i])
+        return ModelOutput(tokens, lps)
+
+    def _sample_rows(self, out: SchedulerOutput, last_rows: list[int]) -> list[_SampleRow]:
+        """One row per sample, or 1 + k rows for a sample whose item carries a k-token draft."""
+        rows: list[_SampleRow] = []
+        for seq, row in out.samples:
+            item = out.scheduled[row]
+            draft = item.draft if item.seq is seq else []
+            if not draft:
+                mask = seq.logits_mask.allowed_mask() if seq.logits_mask is not None else None
+                rows.append(_SampleRow(seq, last_rows[row], 0, [], mask))
+                continue
+            first = last_rows[row] - len(draft)
+            masks = seq.logits_mask.draft_masks(draft) if seq.logits_mask is not None else [None] * (len(draft) + 1)
+            rows += [_SampleRow(seq, first + j, j, draft[:j], masks[j]) for j in range(len(draft) + 1)]
+        return rows
 
     def _prepare(self, out: SchedulerOutput, compiled: bool = False):
         """Flatten the step's tokens and build every index tensor attention needs, vectorized: the
@@ -122,7 +148,7 @@ class ModelRunner:
         counts: list[int] = []  # tokens computed per sequence
         for item in out.scheduled:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            ids += seq.token_ids[start:start + n]
+            ids += seq.token_ids[start:start + n - len(item.draft)] + item.draft
             starts.append(start)
             counts.append(n)
         num_seqs = len(counts)
@@ -171,24 +197,26 @@ class ModelRunner:
             meta.prefills.append(PrefillChunk(row0[i], n, ctx_slots[i, :ctx], mask))
         return torch.tensor(ids), positions, meta, last_rows
 
-    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
+    def _sampling_batch(self, rows: list[_SampleRow], vocab: int) -> SamplingBatch:
+        seqs = [r.seq for r in rows]
         ps = [s.params for s in seqs]
-        n = len(seqs)
+        n = len(rows)
         b = SamplingBatch(
             temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in ps]),
             top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab for p in ps]),
             top_p=torch.tensor([p.top_p for p in ps]),
             min_p=torch.tensor([p.min_p for p in ps]),
-            # greedy rows draw no noise: no key to hash for them
-            keys=torch.tensor([0 if p.greedy else noise_key(s.seed, s.index, s.num_output_tokens)
-                               for s, p in zip(seqs, ps)], dtype=torch.int64),
+            # greedy rows draw no noise: no key to hash for them. A draft row samples the output
+            # position it would have been sampled at without the draft.
+            keys=torch.tensor([0 if p.greedy else noise_key(r.seq.seed, r.seq.index, r.seq.num_output_tokens + r.offset)
+                               for r, p in zip(rows, ps)], dtype=torch.int64),
             all_greedy=all(p.greedy for p in ps),
             needs_filter=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in ps),
         )
         asked = [p.logprobs for p in ps if p.logprobs is not None]
         b.max_logprobs = max(asked) if asked else None
         if any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in ps):
-            states = [penalty_state(s, vocab) for s in seqs]
+            states = [_with_prior(penalty_state(r.seq, vocab), r.prior) for r in rows]
             if any(p.presence_penalty or p.frequency_penalty for p in ps):
                 b.output_counts = torch.stack([st.counts for st in states])
                 b.presence = torch.tensor([p.presence_penalty for p in ps])
@@ -196,15 +224,36 @@ class ModelRunner:
             if any(p.repetition_penalty != 1.0 for p in ps):
                 b.seen_mask = torch.stack([st.seen for st in states])
                 b.repetition = torch.tensor([p.repetition_penalty for p in ps])
-        masks = [s.logits_mask.allowed_mask() if s.logits_mask is not None else None for s in seqs]
-        if any(p.logit_bias for p in ps) or any(m is not None for m in masks):
+        if any(p.logit_bias for p in ps) or any(r.mask is not None for r in rows):
             bias = torch.zeros(n, vocab)
-            for i, (p, allowed) in enumerate(zip(ps, masks)):
+            for i, (p, r) in enumerate(zip(ps, rows)):
                 if p.logit_bias:
                     bias[i, torch.tensor(list(p.logit_bias))] = torch.tensor(list(p.logit_bias.values()))
-                if allowed is not None:  # a bool tensor over the tokenizer's vocabulary
-                    k = allowed.shape[0]
-                    bias[i, :k].masked_fill_(~allowed, float("-inf"))
+                if r.mask is not None:  # a bool tensor over the tokenizer's vocabulary
+                    k = r.mask.shape[0]
+                    bias[i, :k].masked_fill_(~r.mask, float("-inf"))
                     bias[i, k:] = float("-inf")
             b.bias = bias
         return b
+
+
+@dataclass(slots=True)
+class _SampleRow:
+    """A logits row to sample: a sample's next token, or the token after `prior` (draft tokens)."""
+
+    seq: Sequence
+    row: int  # row of the step's hidden states
+    offset: int  # output tokens between the sequence's last one and this row's (len(prior))
+    prior: list[int]
+    mask: torch.Tensor | None  # allowed tokens (grammar), after `prior`
+
+
+def _with_prior(state: PenaltyState, prior: list[int]) -> PenaltyState:
+    """The token counts as they would be after the draft tokens `prior` were output."""
+    if not prior:
+        return state
+    ids = torch.tensor(prior)
+    counts = state.counts.clone().index_add_(0, ids, torch.ones(len(prior)))
+    seen = state.seen.clone()
+    seen[ids] = True
+    return PenaltyState(counts, seen, state.num_counted + len(prior))

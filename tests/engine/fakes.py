@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from layerserve.engine.core import EngineCore
 from layerserve.engine.scheduler import SchedulerOutput
 from layerserve.model.runner import ModelOutput
@@ -28,14 +28,16 @@ class FakeRunner:
         if self.hook is not None:
             self.hook(out)
         self.steps.append(out)
-        return ModelOutput([FILLER] * len(out.samples), [None] * len(out.samples))
+        return ModelOutput([[FILLER] for _ in out.samples], [[None] for _ in out.samples])
 
 
 def make_core(tokenizer, *, num_blocks: int, block_size: int = 4, max_num_seqs: int = 64,
               max_num_batched_tokens: int = 512, max_model_len: int = 1024,
-              hook: Callable[[SchedulerOutput], None] | None = None, runner=None) -> EngineCore:
-    """The real EngineCore over `runner` (default: a FakeRunner with `hook`)."""
-    config = EngineConfig(model="fake", cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+              hook: Callable[[SchedulerOutput], None] | None = None, runner=None,
+              speculative: SpeculativeConfig | None = None) -> EngineCore:
+    """The real EngineCore over `runner` (default: a FakeRunner with `hook`); no drafting unless
+    `speculative` says so."""
+    config = EngineConfig(model="fake", speculative=speculative, cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                                     max_num_batched_tokens=max_num_batched_tokens,
                                                     max_model_len=max_model_len))

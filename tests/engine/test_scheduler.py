@@ -96,7 +96,7 @@ class FakeRunner:
             step.samples.append((seq.group.request_id, seq.index, row))
             tokens.append(model_token(seq.token_ids, seq.index))
         self.steps.append(step)
-        return ModelOutput(tokens, [None] * len(tokens))
+        return ModelOutput([[t] for t in tokens], [[None] for _ in tokens])
 
 
 def make_core(tokenizer, *, num_blocks: int, block_size: int = 4, **limits) -> EngineCore:
