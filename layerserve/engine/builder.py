@@ -14,6 +14,7 @@ from layerserve.config import EngineConfig, ModelConfig
 from layerserve.engine.core import EngineCore
 from layerserve.model_files import resolve_model_path
 from layerserve.model.compiled_step import CompiledStep
+from layerserve.model.cpu_load import ContentionMonitor
 from layerserve.model.kernel_choice import KernelPlan, choose_kernels
 from layerserve.model.linear import int4_available
 from layerserve.model.llama import linear_shapes
@@ -93,7 +94,11 @@ def build_engine(config: EngineConfig, progress: bool = True) -> tuple[EngineCor
     model_cls = MODELS.resolve(mc.architecture)
     model = model_cls(mc, loaded.weights, loaded.rope_freq_factors, max_positions=max_model_len, plan=plan)
     cache = config.cache
-    per_block = kv_bytes_per_token(model) * cache.block_size
+    fast = config.dtype == "auto"
+    # The fast path keeps K/V in fp16 (as llama.cpp does): long-context attention reads half the
+    # bytes, and the pool holds twice the tokens.
+    kv_dtype = torch.float16 if fast else model.dtype
+    per_block = kv_bytes_per_token(model, kv_dtype) * cache.block_size
     num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
     pool_tokens = num_blocks * cache.block_size
     if pool_tokens < max_model_len:
@@ -101,12 +106,14 @@ def build_engine(config: EngineConfig, progress: bool = True) -> tuple[EngineCor
         max_model_len = pool_tokens
     sched = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
     config = dataclasses.replace(config, scheduler=sched)
-    # The fast path decodes a lone stream on one thread (see ModelRunner); the reference path keeps
-    # its thread count fixed, so its numerics never depend on the batch.
+    # The fast path decodes a lone stream on one thread while another process keeps a core busy (see
+    # ModelRunner); the reference path keeps its thread count fixed, so its numerics never depend on
+    # the batch.
     # The compiled step serves the fast path; float32 stays the eager reference (exact parity).
     compiled = CompiledStep(model) if config.dtype == "auto" and config.compile else None
-    runner = ModelRunner(model, num_blocks, cache.block_size, single_token_threads=1 if config.dtype == "auto" else None,
-                         compiled=compiled if compiled is not None and compiled.available else None)
+    runner = ModelRunner(model, num_blocks, cache.block_size, single_token_threads=1 if fast else None,
+                         compiled=compiled if compiled is not None and compiled.available else None,
+                         contention=ContentionMonitor() if fast else None, kv_dtype=kv_dtype)
     core = EngineCore(config, runner, tokenizer, num_blocks)
     info = EngineInfo(str(path), mc, config.dtype, num_blocks, cache.block_size, num_blocks * per_block,
                       max_model_len, time.monotonic() - started)

@@ -26,9 +26,12 @@
 
 #include <immintrin.h>
 
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -36,25 +39,8 @@ namespace {
 constexpr int64_t PER_LAYER = 9;
 
 // ---------------------------------------------------------------- vector helpers
-// Attention's dot products and weighted sums, softmax's exponentials and SiLU, in AVX2+FMA (every
-// host with our int4 kernel's vector paths) or plain C++.
-
-struct Ops {
-  float (*dot)(const float*, const float*, int64_t);
-  void (*axpy)(float*, float, const float*, int64_t);  // y += a x
-  float (*exp_shift)(float*, int64_t, float);          // x = exp(x - m) in place, returns the sum
-  void (*silu_mul)(const float*, const float*, float*, int64_t);  // out = silu(g) * u
-};
-
-float dot_plain(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-void axpy_plain(float* y, float a, const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
+// Attention's dot products and weighted sums (over a float32 or fp16 KV cache), softmax's
+// exponentials and SiLU, in AVX2+FMA+F16C (every host with our int4 kernel's vector paths) or plain C++.
 
 float exp_shift_plain(float* x, int64_t n, float m) {
   float s = 0.f;
@@ -95,26 +81,6 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-  }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-  float s = hsum_avx2(_mm256_add_ps(s0, s1));
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-__attribute__((target("avx2,fma"))) void axpy_avx2(float* y, float a, const float* x, int64_t n) {
-  const __m256 va = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
 __attribute__((target("avx2,fma"))) float exp_shift_avx2(float* x, int64_t n, float m) {
   const __m256 vm = _mm256_set1_ps(m);
   __m256 acc = _mm256_setzero_ps();
@@ -143,10 +109,9 @@ __attribute__((target("avx2,fma"))) void silu_mul_avx2(const float* g, const flo
   for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
 }
 
-Ops ops_for(int64_t path) {
-  if (path >= layerserve_q4::PATH_AVX2) return {dot_avx2, axpy_avx2, exp_shift_avx2, silu_mul_avx2};
-  return {dot_plain, axpy_plain, exp_shift_plain, silu_mul_plain};
-}
+using SiluMul = void (*)(const float*, const float*, float*, int64_t);  // out = silu(g) * u
+
+SiluMul silu_mul_for(int64_t path) { return path >= layerserve_q4::PATH_AVX2 ? silu_mul_avx2 : silu_mul_plain; }
 
 // ---------------------------------------------------------------- row operations
 
@@ -184,11 +149,12 @@ at::Tensor linear(const at::Tensor& x, const Linear& l, int64_t path, bool preci
   }
 }
 
+template <typename KV>  // float, or c10::Half for an fp16 cache
 struct Attention {
   const float* q;  // row t's query heads at q + t * q_stride, after RoPE
   int64_t q_stride;
-  const float* kc;  // (S, nkv, hd) this layer's cache
-  const float* vc;
+  const KV* kc;  // (S, nkv, hd) this layer's cache
+  const KV* vc;
   const int64_t* ctx_slots;
   int64_t ctx_stride;
   const int64_t* row_seq;
@@ -199,27 +165,129 @@ struct Attention {
 };
 
 // Row t, the query heads of kv head g: each K and V row is read once for all of them.
-void attend(const Attention& a, const Ops& ops, int64_t t, int64_t g, std::vector<float>& scores) {
+// One function per ISA with the dot products inlined: a call per (key, head) through a function
+// pointer cost more than the arithmetic (a 30-layer token at 1,700 tokens of context makes ~460k).
+template <typename KV>
+void attend_plain(const Attention<KV>& a, int64_t t, int64_t g, std::vector<float>& scores) {
   const int64_t per = a.nh / a.nkv, len = a.row_len[t], hd = a.hd;
   const int64_t* slots = a.ctx_slots + a.row_seq[t] * a.ctx_stride;
   scores.resize(per * len);
   const float* q = a.q + t * a.q_stride + g * per * hd;
   for (int64_t s = 0; s < len; ++s) {
-    const float* k = a.kc + (slots[s] * a.nkv + g) * hd;
-    for (int64_t h = 0; h < per; ++h) scores[h * len + s] = ops.dot(q + h * hd, k, hd) * a.scale;
+    const KV* k = a.kc + (slots[s] * a.nkv + g) * hd;
+    for (int64_t h = 0; h < per; ++h) {
+      float d = 0.f;
+      for (int64_t i = 0; i < hd; ++i) d += q[h * hd + i] * static_cast<float>(k[i]);
+      scores[h * len + s] = d * a.scale;
+    }
   }
   float* out = a.out + t * a.nh * hd + g * per * hd;
   std::fill(out, out + per * hd, 0.f);
   for (int64_t h = 0; h < per; ++h) {
     float* sc = scores.data() + h * len;
     const float m = *std::max_element(sc, sc + len);
-    const float inv = 1.f / ops.exp_shift(sc, len, m);
+    const float inv = 1.f / exp_shift_plain(sc, len, m);
     for (int64_t s = 0; s < len; ++s) sc[s] *= inv;
   }
   for (int64_t s = 0; s < len; ++s) {
-    const float* v = a.vc + (slots[s] * a.nkv + g) * hd;
-    for (int64_t h = 0; h < per; ++h) ops.axpy(out + h * hd, scores[h * len + s], v, hd);
+    const KV* v = a.vc + (slots[s] * a.nkv + g) * hd;
+    for (int64_t h = 0; h < per; ++h) {
+      const float p = scores[h * len + s];
+      for (int64_t i = 0; i < hd; ++i) out[h * hd + i] += p * static_cast<float>(v[i]);
+    }
   }
+}
+
+template <typename KV>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const KV* p) {
+  if constexpr (std::is_same_v<KV, c10::Half>) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  else return _mm256_loadu_ps(p);
+}
+
+// 8 vectors -> one vector of their 8 horizontal sums
+__attribute__((target("avx2,fma"))) inline __m256 hsum8_avx2(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// hd a multiple of 8 (every model we serve: 64, 128, ...). Scores come 8 keys at a time (one
+// accumulator per key, one transposing reduction for the 8), and P.V keeps 64 output floats in
+// registers over all keys: no horizontal sum per key and no store per key. A kv head's K and V
+// rows, re-read for each of its query heads, stay in L2 (1,700 keys of fp16 are 217 KB each).
+template <typename KV>
+__attribute__((target("avx2,fma,f16c"))) void attend_avx2(const Attention<KV>& a, int64_t t, int64_t g, std::vector<float>& scores) {
+  const int64_t per = a.nh / a.nkv, len = a.row_len[t], hd = a.hd, stride = a.nkv * hd;
+  const int64_t* slots = a.ctx_slots + a.row_seq[t] * a.ctx_stride;
+  scores.resize(per * len);
+  const float* q = a.q + t * a.q_stride + g * per * hd;
+  const KV* kc = a.kc + g * hd;
+  const KV* vc = a.vc + g * hd;
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int64_t h = 0; h < per; ++h) {
+    const float* qh = q + h * hd;
+    float* sc = scores.data() + h * len;
+    int64_t s = 0;
+    for (; s + 8 <= len; s += 8) {
+      const KV* k[8];
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) {
+        k[j] = kc + slots[s + j] * stride;
+        acc[j] = _mm256_setzero_ps();
+      }
+      for (int64_t i = 0; i < hd; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qh + i);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(k[j] + i), acc[j]);
+      }
+      _mm256_storeu_ps(sc + s, _mm256_mul_ps(hsum8_avx2(acc), scale));
+    }
+    for (; s < len; ++s) {
+      const KV* k = kc + slots[s] * stride;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t i = 0; i < hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), load8(k + i), acc);
+      sc[s] = hsum_avx2(acc) * a.scale;
+    }
+    const float m = *std::max_element(sc, sc + len);
+    const __m256 inv = _mm256_set1_ps(1.f / exp_shift_avx2(sc, len, m));
+    int64_t j = 0;
+    for (; j + 8 <= len; j += 8) _mm256_storeu_ps(sc + j, _mm256_mul_ps(_mm256_loadu_ps(sc + j), inv));
+    for (; j < len; ++j) sc[j] *= _mm256_cvtss_f32(inv);
+  }
+  float* out = a.out + t * a.nh * hd + g * per * hd;
+  for (int64_t h = 0; h < per; ++h) {
+    const float* p = scores.data() + h * len;
+    for (int64_t i0 = 0; i0 < hd; i0 += 64) {
+      const int nb = (int)std::min<int64_t>(8, (hd - i0) / 8);
+      __m256 acc[8];
+      for (int b = 0; b < 8; ++b) acc[b] = _mm256_setzero_ps();
+      if (nb == 8) {
+        for (int64_t s = 0; s < len; ++s) {
+          const KV* v = vc + slots[s] * stride + i0;
+          const __m256 ps = _mm256_set1_ps(p[s]);
+          for (int b = 0; b < 8; ++b) acc[b] = _mm256_fmadd_ps(ps, load8(v + 8 * b), acc[b]);
+        }
+      } else {
+        for (int64_t s = 0; s < len; ++s) {
+          const KV* v = vc + slots[s] * stride + i0;
+          const __m256 ps = _mm256_set1_ps(p[s]);
+          for (int b = 0; b < nb; ++b) acc[b] = _mm256_fmadd_ps(ps, load8(v + 8 * b), acc[b]);
+        }
+      }
+      for (int b = 0; b < nb; ++b) _mm256_storeu_ps(out + h * hd + i0 + 8 * b, acc[b]);
+    }
+  }
+}
+
+template <typename KV>
+void attend_rows(const Attention<KV>& a, int64_t path, int64_t T) {
+  const bool vec = path >= layerserve_q4::PATH_AVX2 && a.hd % 8 == 0;
+  at::parallel_for(0, T * a.nkv, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> scores;
+    for (int64_t i = b; i < e; ++i) {
+      if (vec) attend_avx2(a, i / a.nkv, i % a.nkv, scores);
+      else attend_plain(a, i / a.nkv, i % a.nkv, scores);
+    }
+  });
 }
 
 at::Tensor step(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor>>& tensor_list,
@@ -239,8 +307,9 @@ at::Tensor step(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor
   TORCH_CHECK((int64_t)ts.size() == L * PER_LAYER + 1 && (int64_t)linears.size() == L * 8,
               "layerserve_q4.decode_step: ", ts.size(), " tensors and ", linears.size(), " linear ints for ", L, " layers");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "decode_step: x must be float32 (T, D)");
-  TORCH_CHECK(kv.scalar_type() == at::kFloat && kv.is_contiguous() && kv.dim() == 5 && kv.size(0) == L &&
-              kv.size(3) == nkv && kv.size(4) == hd, "decode_step: kv must be contiguous float32 (L, 2, S, nkv, hd)");
+  TORCH_CHECK((kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kHalf) && kv.is_contiguous() && kv.dim() == 5 &&
+              kv.size(0) == L && kv.size(3) == nkv && kv.size(4) == hd,
+              "decode_step: kv must be contiguous float32 or float16 (L, 2, S, nkv, hd)");
   TORCH_CHECK(nkv > 0 && nh % nkv == 0 && hd % 2 == 0, "decode_step: bad head counts");
   TORCH_CHECK(cos_t.scalar_type() == at::kFloat && cos_t.is_contiguous() && cos_t.size(1) == hd &&
               sin_t.sizes() == cos_t.sizes() && sin_t.is_contiguous(), "decode_step: cos/sin must be float32 (P, hd)");
@@ -263,13 +332,15 @@ at::Tensor step(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor
   }
 
   const int64_t path = layerserve_q4::resolve_path(path_in);
-  const Ops ops = ops_for(path);
+  const SiluMul silu_mul = silu_mul_for(path);
   at::Tensor x = x_in.contiguous().clone();  // the residual stream
   at::Tensor h = at::empty({T, D}, x.options());
   at::Tensor attn = at::empty({T, qs}, x.options());
   float* xp = x.data_ptr<float>();
   float* hp = h.data_ptr<float>();
-  float* kvp = kv.data_ptr<float>();
+  const bool half_kv = kv.scalar_type() == at::kHalf;
+  float* kvp = half_kv ? nullptr : kv.data_ptr<float>();
+  c10::Half* kvh = half_kv ? kv.data_ptr<c10::Half>() : nullptr;
   const float* cosp = cos_t.data_ptr<float>();
   const float* sinp = sin_t.data_ptr<float>();
   const float scale = (float)(1.0 / std::sqrt((double)hd));
@@ -299,8 +370,7 @@ at::Tensor step(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor
       for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < qkv_l.n; ++j) qkvp[t * qkv_l.n + j] += b[j];
     }
-    float* kc = kvp + (l * 2) * S * kvs;
-    float* vc = kc + S * kvs;
+    const int64_t layer_off = (l * 2) * S * kvs;  // this layer's K; its V follows S * kvs later
     for (int64_t t = 0; t < T; ++t) {
       float* q = qkvp + t * qkv_l.n;
       float* k = q + qs;
@@ -313,14 +383,25 @@ at::Tensor step(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor
       }
       rope(q, cosp + pos[t] * hd, sinp + pos[t] * hd, nh, hd);
       rope(k, cosp + pos[t] * hd, sinp + pos[t] * hd, nkv, hd);
-      std::copy(k, k + kvs, kc + slot[t] * kvs);
-      std::copy(v, v + kvs, vc + slot[t] * kvs);
+      const int64_t at_k = layer_off + slot[t] * kvs, at_v = at_k + S * kvs;
+      if (half_kv) {  // round to nearest even, as torch's .to(float16)
+        for (int64_t j = 0; j < kvs; ++j) kvh[at_k + j] = c10::Half(k[j]);
+        for (int64_t j = 0; j < kvs; ++j) kvh[at_v + j] = c10::Half(v[j]);
+      } else {
+        std::copy(k, k + kvs, kvp + at_k);
+        std::copy(v, v + kvs, kvp + at_v);
+      }
     }
-    const Attention a{qkvp, qkv_l.n, kc, vc, cslots, W, rseq, rlen, attn.data_ptr<float>(), nh, nkv, hd, scale};
-    at::parallel_for(0, T * nkv, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> scores;
-      for (int64_t i = b; i < e; ++i) attend(a, ops, i / nkv, i % nkv, scores);
-    });
+    float* attnp = attn.data_ptr<float>();
+    if (half_kv) {
+      const Attention<c10::Half> a{qkvp, qkv_l.n, kvh + layer_off, kvh + layer_off + S * kvs, cslots, W, rseq, rlen,
+                                   attnp, nh, nkv, hd, scale};
+      attend_rows(a, path, T);
+    } else {
+      const Attention<float> a{qkvp, qkv_l.n, kvp + layer_off, kvp + layer_off + S * kvs, cslots, W, rseq, rlen,
+                               attnp, nh, nkv, hd, scale};
+      attend_rows(a, path, T);
+    }
     add_rows(linear(attn, o_l, path, precise));
 
     norm_rows(lt[6], hp);
@@ -329,7 +410,7 @@ at::Tensor step(const at::Tensor& x_in, const c10::List<std::optional<at::Tensor
     at::Tensor act = at::empty({T, I}, x.options());
     const float* gup = gu.data_ptr<float>();
     float* actp = act.data_ptr<float>();
-    for (int64_t t = 0; t < T; ++t) ops.silu_mul(gup + t * 2 * I, gup + t * 2 * I + I, actp + t * I, I);
+    for (int64_t t = 0; t < T; ++t) silu_mul(gup + t * 2 * I, gup + t * 2 * I + I, actp + t * I, I);
     add_rows(linear(act, down_l, path, precise));
   }
   at::Tensor out = at::empty({T, D}, x.options());

@@ -54,9 +54,10 @@ class AttentionMetadata:
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store this step's K/V, each (T, n_kv, hd), into the flat caches (S, n_kv, hd)."""
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v)
+    """Store this step's K/V, each (T, n_kv, hd), into the flat caches (S, n_kv, hd), in the caches'
+    dtype (an fp16 cache under float32 activations: half the bytes attention reads)."""
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -70,8 +71,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         qc = q[rows].transpose(0, 1).unsqueeze(0)  # (1, nh, q, hd)
-        kc = k_cache[chunk.slots].transpose(0, 1).unsqueeze(0)  # (1, nkv, ctx, hd)
-        vc = v_cache[chunk.slots].transpose(0, 1).unsqueeze(0)
+        kc = k_cache[chunk.slots].to(q.dtype).transpose(0, 1).unsqueeze(0)  # (1, nkv, ctx, hd)
+        vc = v_cache[chunk.slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
         oc = F.scaled_dot_product_attention(
             qc, kc, vc, attn_mask=chunk.mask, is_causal=chunk.mask is None, enable_gqa=True
         )  # (1, nh, q, hd)
@@ -81,8 +82,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
     """Single-token queries (g, nh, hd) over padded contexts -> (g, nh, hd)."""
-    k = k_cache[group.slots].transpose(1, 2)  # (g, nkv, L, hd)
-    v = v_cache[group.slots].transpose(1, 2)
+    k = k_cache[group.slots].to(q.dtype).transpose(1, 2)  # (g, nkv, L, hd)
+    v = v_cache[group.slots].to(q.dtype).transpose(1, 2)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=group.mask, enable_gqa=True)
     return o.squeeze(2)  # (Bd, nh, hd)
 

@@ -41,3 +41,28 @@ class CpuWatch:
         busy0, ours0, t0 = self._start
         busy1, ours1, t1 = self._sample()
         return max(0.0, ((busy1 - busy0) - (ours1 - ours0)) / self._hz / max(t1 - t0, 1e-9))
+
+
+class ContentionMonitor:
+    """Whether other processes keep a core busy, re-measured at most every `interval` seconds.
+
+    On 2 cores a step split over both threads waits at every barrier for a thread that has no core
+    while another process runs: the runner then computes lone tokens on one thread."""
+
+    def __init__(self, threshold: float = 0.3, interval: float = 1.0) -> None:
+        self.threshold = threshold  # cores' worth of other processes' CPU that counts as contention
+        self.interval = interval
+        self._watch = CpuWatch()
+        self._watch.start()
+        self._since = time.monotonic()
+        self.others = 0.0  # cores other processes used over the last interval
+        self.contended = False
+
+    def poll(self) -> bool:
+        now = time.monotonic()
+        if now - self._since >= self.interval:
+            self.others = self._watch.stop()
+            self.contended = self.others > self.threshold
+            self._watch.start()
+            self._since = now
+        return self.contended

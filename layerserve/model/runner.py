@@ -15,6 +15,7 @@ from layerserve.engine.scheduler import SchedulerOutput
 from layerserve.engine.sequence import Sequence
 from layerserve.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk, group_by_length
 from layerserve.model.compiled_step import CompiledStep, StepRows
+from layerserve.model.cpu_load import ContentionMonitor
 from layerserve.model.sampler import SamplingBatch, noise_key, sample
 
 
@@ -27,9 +28,9 @@ class ModelOutput:
     logprobs: list[list[TokenLogprob | None]]
 
 
-def kv_bytes_per_token(model) -> int:
+def kv_bytes_per_token(model, kv_dtype: torch.dtype | None = None) -> int:
     c = model.config
-    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.finfo(model.dtype).bits // 8
+    return c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.finfo(kv_dtype or model.dtype).bits // 8
 
 
 @dataclass(slots=True)
@@ -65,12 +66,16 @@ class ModelRunner:
     on a thread that has no core). None: always all threads."""
 
     def __init__(self, model, num_blocks: int, block_size: int, single_token_threads: int | None = None,
-                 compiled: CompiledStep | None = None) -> None:
+                 compiled: CompiledStep | None = None, contention: ContentionMonitor | None = None,
+                 kv_dtype: torch.dtype | None = None) -> None:
         """`compiled`: runs steps of few rows (layerserve.model.compiled_step) where it can; the
-        eager forward runs the rest, and every step when None."""
+        eager forward runs the rest, and every step when None. `contention`: when given, a lone
+        token runs on `single_token_threads` only while other processes keep a core busy, and on
+        all threads otherwise. `kv_dtype`: the KV pool's (default: the model's)."""
         self.model = model
         self.compiled = compiled
         self.single_token_threads = single_token_threads
+        self.contention = contention
         self.threads = torch.get_num_threads()
         c = model.config
         self.block_size = block_size
@@ -78,13 +83,14 @@ class ModelRunner:
         # (L, K/V, slots + 1, n_kv, hd). Not zeroed (that would touch every page at start-up):
         # attention only reads written slots, plus the last slot, a zeroed pad for ragged decode batches.
         self.pad_slot = num_blocks * block_size
-        self.kv = torch.empty(c.num_layers, 2, self.pad_slot + 1, c.num_kv_heads, c.head_dim, dtype=model.dtype)
+        self.kv = torch.empty(c.num_layers, 2, self.pad_slot + 1, c.num_kv_heads, c.head_dim, dtype=kv_dtype or model.dtype)
         self.kv[:, :, self.pad_slot] = 0
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
         if self.single_token_threads is not None:
-            want = self.single_token_threads if out.num_batched_tokens <= 1 else self.threads
+            lone = out.num_batched_tokens <= 1 and (self.contention is None or self.contention.poll())
+            want = self.single_token_threads if lone else self.threads
             if torch.get_num_threads() != want:
                 torch.set_num_threads(want)
         compiled = self.compiled is not None and self.compiled.rows_supported(out.num_batched_tokens)

@@ -25,12 +25,12 @@ CHUNKS = (1, 2, 3, 4, 8, 16, 64)
 
 
 def top1_teacher_forced(model: LlamaModel, tokens: list[int], block_size: int = 16,
-                        step: CompiledStep | None = None) -> torch.Tensor:
+                        step: CompiledStep | None = None, kv_dtype: torch.dtype | None = None) -> torch.Tensor:
     """argmax of the next-token logits at every position, computed in steps of CHUNKS rows, by the
     eager forward or, given `step`, by the compiled step."""
     kv = KVCacheManager(num_blocks=len(tokens) // block_size + 2, block_size=block_size)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=max(CHUNKS)), kv)
-    runner = ModelRunner(model, kv.num_blocks, block_size)
+    runner = ModelRunner(model, kv.num_blocks, block_size, kv_dtype=kv_dtype)
     group = RequestGroup("r", tokens[:1], SamplingParams(max_tokens=len(tokens)), 0.0)
     seq = Sequence(0, group, 0, list(tokens), len(tokens), seed=0)
     group.seqs = [seq]
@@ -58,7 +58,7 @@ def test_default_path_agrees_with_float32_teacher_forced(default_weights, smollm
     plan = kernel_plan(config, mc, quantized=True)
     fast = LlamaModel(mc, default_weights.weights, plan=plan)
     ref_top1 = top1_teacher_forced(reference, tokens)
-    fast_top1 = top1_teacher_forced(fast, tokens)
+    fast_top1 = top1_teacher_forced(fast, tokens, kv_dtype=torch.float16)  # the served KV pool
     agreement = (ref_top1 == fast_top1).float().mean().item()
     kernels = sorted({name for ladder in plan.choices.values() for _, name in ladder})
     print(f"default path (eager) top-1 agreement with float32 over {NUM_TOKENS} teacher-forced tokens: "
@@ -66,7 +66,7 @@ def test_default_path_agrees_with_float32_teacher_forced(default_weights, smollm
     assert agreement >= 0.98
     step = CompiledStep(fast)
     if step.available:  # the default server runs steps of up to 64 rows compiled
-        compiled_top1 = top1_teacher_forced(fast, tokens, step=step)
+        compiled_top1 = top1_teacher_forced(fast, tokens, step=step, kv_dtype=torch.float16)
         compiled = (ref_top1 == compiled_top1).float().mean().item()
         same = (fast_top1 == compiled_top1).float().mean().item()
         print(f"compiled step: {compiled:.2%} agreement with float32, {same:.2%} with the eager fast path")
