@@ -199,3 +199,25 @@ def test_out_of_range_indexes_raise_instead_of_reading_memory():
     for rows in bad:
         with pytest.raises(RuntimeError, match="decode_step"):
             step(ids, rows, kv)
+
+
+@torch.inference_mode()
+def test_every_cpu_path_computes_the_same_step():
+    """AVX512 hosts, AVX2-only hosts and the plain C++ path compute the same step: the int4 matmuls
+    agree bit for bit on the same input, attention's summation order differs (8-wide vs scalar), and
+    that last-bit difference may move an int8 activation or an fp16 K/V value to the next step."""
+    c = dataclasses.replace(TINY, hidden_size=64, intermediate_size=96, head_dim=16)
+    plan = KernelPlan({f"{n}x{k}": [(64, "q4")] for n, k, _ in linear_shapes(c, 64, 64)})
+    step = CompiledStep(LlamaModel(c, random_weights(c, seed=9), plan=plan))
+    if not step.available:
+        pytest.skip(step.reason)
+    ids = torch.randint(0, c.vocab_size, (12,), generator=torch.Generator().manual_seed(10))
+    slots = torch.arange(12)
+    outs = {}
+    for code in torch.ops.layerserve_q4.paths():
+        step._path = code
+        outs[code] = step(ids, one_sequence(slots, 0), kv_pool(c, 13, torch.float16))
+    assert len(outs) >= 1
+    first = next(iter(outs.values()))
+    for out in outs.values():
+        assert (out - first).abs().max() <= 1e-2 * first.abs().max()
