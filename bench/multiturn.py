@@ -105,14 +105,20 @@ def conversation(base_url: str, turns: int, sys_words: int, max_tokens: int) -> 
     return out
 
 
-def agentic(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens: int) -> tuple[float, list[float]]:
+def agentic(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens: int,
+            salt: str = "") -> tuple[float, list[float]]:
+    """Parallel sessions sharing one tool system prompt, each turn appending the reply and a tool
+    result: (wall seconds, TTFT of every turn). `salt` goes into each session's first message, so
+    repeated rounds are new sessions (bench/speed.py); the shared tool prompt stays the same."""
     ttfts: list[float] = []
     lock = threading.Lock()
+    tag = f" ({salt})" if salt else ""
 
     def session(s: int) -> None:
-        client = OpenAI(base_url=base_url, api_key="bench")
+        client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
         messages = [{"role": "system", "content": tool_prompt(num_tools)},
-                    {"role": "user", "content": f"Plan a trip for traveller {s}: check the weather in {TOPICS[s % 10]}ville."}]
+                    {"role": "user", "content": f"Plan a trip for traveller {s}{tag}: check the weather in "
+                                                f"{TOPICS[s % len(TOPICS)]}ville."}]
         for k in range(turns):
             ttft, reply, _ = chat_turn(client, messages, max_tokens)
             with lock:

@@ -57,6 +57,7 @@ from openai import OpenAI  # noqa: E402
 from bench.common import PromptMaker, Timing, aggregate_rate, cpu_model_name  # noqa: E402
 from bench.engine import gguf_weight_bytes  # noqa: E402
 from bench.multiturn import TOPICS, chat_turn, tool_prompt  # noqa: E402
+from bench.multiturn import agentic as multiturn_agentic  # noqa: E402
 from bench.peers import CACHE_DIR, build_llama_server  # noqa: E402
 from layerserve.model.cpu_load import CpuWatch  # noqa: E402
 from layerserve.model_files import default_model_path  # noqa: E402
@@ -287,36 +288,9 @@ def concurrency(n: int) -> Callable[[Server, Context, int], Sample]:
     return measure
 
 
-def agentic_sessions(base_url: str, sessions: int, turns: int, salt: str) -> tuple[float, list[float]]:
-    """bench/multiturn.py's agentic() with `salt` in each session's first message, so a round's
-    sessions are not the previous round's (cached) ones; the shared tool prompt stays the same."""
-    ttfts: list[float] = []
-    lock = threading.Lock()
-
-    def session(s: int) -> None:
-        client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
-        messages = [{"role": "system", "content": tool_prompt(NUM_TOOLS)},
-                    {"role": "user", "content": f"Plan a trip for traveller {s} ({salt}): check the weather in "
-                                                f"{TOPICS[s % len(TOPICS)]}ville."}]
-        for k in range(turns):
-            ttft, reply, _ = chat_turn(client, messages, AGENT_MAX_TOKENS)
-            with lock:
-                ttfts.append(ttft)
-            messages.append({"role": "assistant", "content": reply})
-            result = f'{{"tool": "tool_{k}", "temp": {10 + k}, "humidity": {40 + s}}}'
-            messages.append({"role": "user", "content": f"Tool result: {result}"})
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=session, args=(s,)) for s in range(sessions)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start, ttfts
-
-
 def agentic(srv: Server, ctx: Context, r: int) -> Sample:
-    wall, ttfts = agentic_sessions(srv.v1, ctx.plan.sessions, ctx.plan.turns, f"round {r}")
+    wall, ttfts = multiturn_agentic(srv.v1, ctx.plan.sessions, ctx.plan.turns, NUM_TOOLS, AGENT_MAX_TOKENS,
+                                    salt=f"round {r}")
     if len(ttfts) != ctx.plan.sessions * ctx.plan.turns:
         raise RuntimeError(f"{len(ttfts)} of {ctx.plan.sessions * ctx.plan.turns} agentic turns finished")
     return {"agent_wall": wall, "agent_ttft": statistics.median(ttfts)}
