@@ -59,11 +59,11 @@ def penalty_state(seq: Sequence, vocab: int) -> PenaltyState:
 
 
 class ModelRunner:
-    """`single_token_threads`: torch threads for steps that compute one token (a lone decode). On
-    2 cores, interleaved A/B with the default model, one thread for such steps decoded a single
-    stream at 72.9-76.9 tok/s against 63.6-68.8 with two and, with another process keeping a core
-    busy, kept 72-76% of its quiet speed where two threads kept 24-26% (their OpenMP barrier waits
-    on a thread that has no core). None: always all threads."""
+    """`single_token_threads`: torch threads for steps that compute one token (a lone decode);
+    None: always all threads. On 2 cores, with another process keeping a core busy, a 2-thread
+    step waits at every barrier for a thread that has no core: the eager step kept 24-26% of its
+    quiet speed on two threads and 72-76% on one (interleaved A/B). Quiet, the compiled step is
+    faster on two (3.5 vs 4.0 ms for a token's layers), hence `contention`."""
 
     def __init__(self, model, num_blocks: int, block_size: int, single_token_threads: int | None = None,
                  compiled: CompiledStep | None = None, contention: ContentionMonitor | None = None,
