@@ -5,7 +5,8 @@
 // 5.4 ms of matmuls. Here the whole stack runs in C++: the matmuls call q4_gemm.cpp directly (or
 // at::linear for dense weights), and RMSNorm, RoPE, the KV write, attention, SiLU and the residuals
 // are loops over the step's few rows. Same arithmetic as the eager step up to float32 rounding
-// order (tests/model/test_decode_step.py holds it to the eager step).
+// order (tests/model/test_compiled_step.py holds it to the eager step). The KV pool is float32 or
+// fp16 (the default path's: K/V rounded to nearest even on write, widened to float32 on read).
 //
 // Rows are flattened tokens of any sequences: row t sits at positions[t], writes its K/V to
 // slot_mapping[t], and attends to the first row_len[t] slots of ctx_slots[row_seq[t]]. So a batch
