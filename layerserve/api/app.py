@@ -14,9 +14,12 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
-from layerserve.api import chat, completions, info, tokenize
+from layerserve.api import chat, completions, info, messages, tokenize
+from layerserve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
+from layerserve.api.anthropic_surface import PREFIX as MESSAGES_PREFIX
+from layerserve.api.anthropic_surface import RequestIdHeader, anthropic_envelope
 from layerserve.api.auth import ApiKeyCheck
-from layerserve.api.errors import install_error_handlers
+from layerserve.api.errors import ErrorSurfaces, install_error_handlers
 from layerserve.api.limits import BodySizeLimit
 from layerserve.api.observe import AccessLog
 from layerserve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -53,8 +56,8 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
               loader: EngineLoader = _default_loader) -> FastAPI:
-    """The OpenAI-compatible app. `loader` builds (EngineCore, EngineInfo) from the engine config;
-    tests may pass another."""
+    """The OpenAI-compatible app, with Anthropic's Messages API under /v1/messages. `loader` builds
+    (EngineCore, EngineInfo) from the engine config; tests may pass another."""
     state = ServerState(server_config, engine_config)
 
     @asynccontextmanager
@@ -69,13 +72,16 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
 
     app = FastAPI(title="layerserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = state
-    install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=server_config.max_body_bytes)
+    surfaces = ErrorSurfaces(((MESSAGES_PREFIX, anthropic_envelope),))
+    install_error_handlers(app, surfaces)
+    app.add_middleware(BodySizeLimit, max_bytes=server_config.max_body_bytes, surfaces=surfaces)
 
     protected = [Depends(ApiKeyCheck(server_config.api_key))]
     routes = [
         ("/v1/chat/completions", chat.create_chat_completion, "POST", ChatCompletionRequest),
         ("/v1/completions", completions.create_completion, "POST", CompletionRequest),
+        ("/v1/messages", messages.create_message, "POST", MessagesRequest),
+        ("/v1/messages/count_tokens", messages.count_tokens, "POST", CountTokensRequest),
         ("/v1/models", info.list_models, "GET", None),
         ("/v1/models/{model_id:path}", info.retrieve_model, "GET", None),
         ("/tokenize", tokenize.tokenize, "POST", TokenizeRequest),
@@ -87,5 +93,6 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
     for path in ("/health", "/v1/health"):
         app.add_api_route(path, info.health, methods=["GET"])
     app.add_api_route("/metrics", state.observability.metrics_endpoint, methods=["GET"])
+    app.add_middleware(RequestIdHeader)
     app.add_middleware(AccessLog, metrics=state.metrics)  # outermost: sees every status, 413s included
     return app

@@ -18,7 +18,6 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from layerserve.api.admission import request_timeout
 from layerserve.api.chat_prompt import prepare_chat
 from layerserve.api.chat_turn import ChatChoice, ChatTurn, collect_chat, stream_delta
 from layerserve.api.connection import (
@@ -32,11 +31,11 @@ from layerserve.api.connection import (
 )
 from layerserve.api.errors import InvalidRequestError
 from layerserve.api.logprobs import TokenText, chat_logprobs
-from layerserve.api.observe import log_fields
 from layerserve.api.protocol import ChatCompletionRequest, parse_request
 from layerserve.api.runs import Usage
 from layerserve.api.sampling import sampling_params
 from layerserve.api.state import Runtime, server_state
+from layerserve.api.turn_http import open_turn
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -110,32 +109,18 @@ async def create_chat_completion(request: Request) -> Response:
         include_usage=bool(options and options.include_usage), obfuscate=bool(options and options.include_obfuscation),
         service_tier=req.service_tier, token_text=rt.token_text,
     )
-    fields = log_fields(request)
-    fields["id"] = ctx.id
-    if state.config.log_prompts:
-        fields["prompt"] = json.dumps(rt.tokenizer.decode(prompt_ids, skip_special_tokens=False)[-2000:])
-    timeout = request_timeout(request, state.config.request_timeout)
-    ticket = state.admission.admit(params.n, params.n * len(prompt_ids))  # 429 when the queue is full
-    try:
-        turn = ChatTurn(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs, state.metrics,
-                        first_params=first_params)
-    except BaseException:
-        ticket.release()
-        raise
-
-    def close() -> None:
-        turn.close()
-        ticket.release()
-        fields.update(turn.log_fields())
-
+    opened = open_turn(request, state, rt, ctx.id, prompt_ids, params.n,  # 429 when the queue is full
+                       lambda: ChatTurn(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs, state.metrics,
+                                        first_params=first_params))
+    turn = opened.turn
     if req.stream:
-        return EventStreamResponse(chat_events(ctx, turn), on_close=close, timeout=timeout)
+        return EventStreamResponse(chat_events(ctx, turn), on_close=opened.close, timeout=opened.timeout)
     try:
-        choices = await until_disconnect(request.receive, collect_chat(turn, ctx.n), timeout)
+        choices = await until_disconnect(request.receive, collect_chat(turn, ctx.n), opened.timeout)
     except ClientDisconnected:
         return Response(status_code=STATUS_CLIENT_CLOSED)
     finally:
-        close()
+        opened.close()
     return JSONResponse(chat_response(ctx, choices, turn.usage))
 
 

@@ -1,19 +1,23 @@
-"""A chat request -> a `ChatPlan` (layerserve.text.tools) -> prompt token ids and sampling params.
+"""A chat request -> a `TurnRequest` -> a `ChatPlan` (layerserve.text.tools) -> prompt token ids
+and sampling params.
 
-Checks what we cannot honour, plans tools and response_format, then renders the model's template.
+Each API surface (chat completions here, Anthropic messages in messages_turn.py) checks what it
+cannot honour and translates its request into a `TurnRequest`; from there every surface is
+planned, rendered and constrained the same way.
+
 The prompt is `tokenizer.encode_prompt(template.render(messages, tools))`, with every string the
 request supplied kept literal (`PromptLiterals`): only the template's own markup becomes control
 tokens, so a message cannot close its turn and open a system one by writing "<|im_end|>". The
 template itself writes BOS where the model wants one.
 
 All of this is CPU work (jinja, tokenizing, JSON-schema checks, grammar compilation): the API
-runs it on the runtime's prep threads (`Runtime.offload` of `prepare_chat`),
+runs it on the runtime's prep threads (`Runtime.offload` of `prepare_turn`),
 never on the event loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -143,9 +147,21 @@ def _plain(value: Any) -> Any:
     return value.model_dump(exclude_none=True, by_alias=True) if isinstance(value, BaseModel) else value
 
 
-def plan_request(req: ChatCompletionRequest, rt: Runtime, config: ServerConfig) -> ChatPlan:
-    """Validate a chat request and plan it: what the template renders, the output constraint
-    (tools, response_format) and how the output is parsed. Every problem is a 400."""
+@dataclass(slots=True)
+class TurnRequest:
+    """One chat turn as every API surface hands it over (chat completions, Anthropic messages):
+    plain JSON data in the tool layer's shapes, already checked by the surface's own rules."""
+
+    messages: list[dict[str, Any]]  # template messages: role, text content, tool_calls / tool_call_id
+    tools: list[dict[str, Any]] | None = None  # function tools: {"type": "function", "function": {...}}
+    tool_choice: str | dict[str, Any] | None = None  # "auto" / "required" / "none" / a named function
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    template_kwargs: dict[str, Any] | None = None  # extra variables for the chat template
+
+
+def chat_turn_request(req: ChatCompletionRequest, config: ServerConfig) -> TurnRequest:
+    """A chat completion request as a `TurnRequest`, after the checks only chat needs."""
     check_unsupported(req)
     messages = template_messages(req.messages, config)
     check_tools(req, config)
@@ -153,15 +169,16 @@ def plan_request(req: ChatCompletionRequest, rt: Runtime, config: ServerConfig) 
     clash = _TEMPLATE_RESERVED.intersection(extra)
     if clash:
         raise InvalidRequestError(f"'chat_template_kwargs' may not set {sorted(clash)}.", "chat_template_kwargs")
+    return TurnRequest(messages, [_plain(t) for t in req.tools] if req.tools else None, _plain(req.tool_choice),
+                       req.parallel_tool_calls, _plain(req.response_format), req.chat_template_kwargs)
+
+
+def plan_turn(turn: TurnRequest, rt: Runtime) -> ChatPlan:
+    """Plan a turn: what the template renders, the output constraint (tools, response_format)
+    and how the output is parsed. Every problem is a 400."""
     try:
-        return plan_chat(
-            rt.tool_format,
-            messages,
-            tools=[_plain(t) for t in req.tools] if req.tools else None,
-            tool_choice=_plain(req.tool_choice),
-            parallel_tool_calls=req.parallel_tool_calls,
-            response_format=_plain(req.response_format),
-        )
+        return plan_chat(rt.tool_format, turn.messages, tools=turn.tools, tool_choice=turn.tool_choice,
+                         parallel_tool_calls=turn.parallel_tool_calls, response_format=turn.response_format)
     except ToolRequestError as exc:
         raise InvalidRequestError(exc.message, exc.param) from None
 
@@ -192,12 +209,18 @@ def prompt_ids(plan: ChatPlan, rt: Runtime, extra: dict[str, Any] | None) -> lis
     return template_prompt_ids(rt, plan.messages, plan.tools, extra)
 
 
+def prepare_turn(turn: TurnRequest, params: SamplingParams,
+                 rt: Runtime) -> tuple[ChatPlan, list[int], SamplingParams]:
+    """One turn's preparation, for a prep thread (`Runtime.offload`): its plan, the first engine
+    request's prompt ids and its constrained sampling params (the grammar compiled)."""
+    plan = plan_turn(turn, rt)
+    return plan, prompt_ids(plan, rt, turn.template_kwargs), constrained(plan, params, rt)
+
+
 def prepare_chat(req: ChatCompletionRequest, params: SamplingParams, rt: Runtime,
                  config: ServerConfig) -> tuple[ChatPlan, list[int], SamplingParams]:
-    """One chat request's preparation, for a prep thread (`Runtime.offload`): its plan, the first
-    engine request's prompt ids and its constrained sampling params (the grammar compiled)."""
-    plan = plan_request(req, rt, config)
-    return plan, prompt_ids(plan, rt, req.chat_template_kwargs), constrained(plan, params, rt)
+    """A chat completion request's preparation (`prepare_turn` of its `TurnRequest`)."""
+    return prepare_turn(chat_turn_request(req, config), params, rt)
 
 
 def constrained(plan: ChatPlan, params: SamplingParams, rt: Runtime) -> SamplingParams:

@@ -12,7 +12,7 @@ Both the JSON response and the SSE stream are built from the same `ChoiceEvent`s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -22,6 +22,7 @@ from layerserve.api.runs import Run, Usage, finish_reason
 from layerserve.api.state import Runtime
 from layerserve.engine.request import CompletionDelta, SamplingParams, TokenLogprob
 from layerserve.text.tool_parsers import ParsedDelta, ToolCallDelta, ToolCallParser
+from layerserve.text.tool_parsers.base import new_call_id
 from layerserve.text.tools import ChatPlan
 
 
@@ -34,6 +35,7 @@ class ChoiceEvent:
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    stop_sequence: str | None = None  # with finish_reason "stop": the stop string that ended the choice
 
 
 class ChatTurn:
@@ -41,11 +43,13 @@ class ChatTurn:
 
     The first engine request starts in the constructor, so a request the engine refuses (too
     long for the context) fails before any response header is sent. `first_params` are the first
-    request's params, `constrained(plan, params)` (compiled off the event loop: `prepare_chat`)."""
+    request's params, `constrained(plan, params)` (compiled off the event loop: `prepare_turn`).
+    `call_ids` makes the ids of the tool calls the model makes (each surface has its own form)."""
 
     def __init__(self, rt: Runtime, request_id: str, plan: ChatPlan, params: SamplingParams,
                  prompt_ids: list[int], template_kwargs: dict[str, Any] | None,
-                 metrics: RequestMetrics | None = None, *, first_params: SamplingParams) -> None:
+                 metrics: RequestMetrics | None = None, *, first_params: SamplingParams,
+                 call_ids: Callable[[], str] = new_call_id) -> None:
         self._rt = rt
         self._metrics = metrics
         self._request_id = request_id
@@ -54,7 +58,7 @@ class ChatTurn:
         self._template_kwargs = template_kwargs
         self.usage = Usage()
         self._runs = [Run(rt.engine, request_id, prompt_ids, first_params, metrics)]
-        self._parsers: list[ToolCallParser | None] = [plan.new_parser() for _ in range(params.n)]
+        self._parsers: list[ToolCallParser | None] = [plan.new_parser(call_ids) for _ in range(params.n)]
 
     def close(self) -> None:
         for run in self._runs:
@@ -84,7 +88,8 @@ class ChatTurn:
         parser = self._parsers[d.index]
         if parser is None:
             reason = finish_reason(d.finish_reason) if d.finish_reason is not None else None
-            return [ChoiceEvent(d.index, d.text, logprobs=d.logprobs, finish_reason=reason)]
+            return [ChoiceEvent(d.index, d.text, logprobs=d.logprobs, finish_reason=reason,
+                                stop_sequence=_stop_string(d))]
         parsed = parser.feed(d.text)
         events = [_event(d.index, parsed, d.logprobs)]
         if d.finish_reason is None:
@@ -94,7 +99,9 @@ class ChatTurn:
             answering.append(d.index)
         else:
             reason = finish_reason(d.finish_reason)
-            events[-1].finish_reason = "tool_calls" if parser.tool_calls and reason == "stop" else reason
+            calls = bool(parser.tool_calls) and reason == "stop"
+            events[-1].finish_reason = "tool_calls" if calls else reason
+            events[-1].stop_sequence = None if calls else _stop_string(d)
         return events
 
     async def _answer(self, choices: list[int]) -> AsyncIterator[list[ChoiceEvent]]:
@@ -108,7 +115,8 @@ class ChatTurn:
         async for out in run:
             batch = [
                 ChoiceEvent(choices[d.index], d.text, logprobs=d.logprobs,
-                            finish_reason=finish_reason(d.finish_reason) if d.finish_reason is not None else None)
+                            finish_reason=finish_reason(d.finish_reason) if d.finish_reason is not None else None,
+                            stop_sequence=_stop_string(d))
                 for d in out.deltas
             ]
             if out.finished:
@@ -120,6 +128,11 @@ class ChatTurn:
 def _prepare_answer(plan: ChatPlan, rt: Runtime, template_kwargs: dict[str, Any] | None,
                     params: SamplingParams) -> tuple[list[int], SamplingParams]:
     return prompt_ids(plan, rt, template_kwargs), constrained(plan, params, rt)
+
+
+def _stop_string(d: CompletionDelta) -> str | None:
+    """The stop string that finished a choice (None for EOS or a stop token id)."""
+    return d.stop_reason if isinstance(d.stop_reason, str) else None
 
 
 def _event(index: int, parsed: ParsedDelta, logprobs: list[TokenLogprob] | None) -> ChoiceEvent:

@@ -92,10 +92,11 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, error_frame: Callable[[BaseException], str] = error_event) -> None:
         self.events = events
+        self.error_frame = error_frame  # the in-band error (and end of stream) of this stream's API
         self.on_close = on_close
-        self.timeout = timeout  # seconds; past it the stream ends with an error event and [DONE]
+        self.timeout = timeout  # seconds; past it the stream ends with `error_frame`
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
@@ -115,7 +116,7 @@ class EventStreamResponse(Response):
                 if self.on_close is not None:
                     self.on_close()
         if timed_out:
-            body = error_event(timeout_error(self.timeout or 0.0)).encode("utf-8")
+            body = self.error_frame(timeout_error(self.timeout or 0.0)).encode("utf-8")
             try:
                 await send({"type": "http.response.body", "body": body, "more_body": False})
             except OSError:

@@ -1,8 +1,10 @@
-"""Every error the server returns, in OpenAI's envelope, from one mapping table.
+"""Every error the server returns, from one mapping table, in its route's envelope.
 
 `{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}` with OpenAI's status codes.
 Handlers raise typed exceptions; `install_error_handlers` turns each into a response by looking
 its class up in ERROR_TABLE (most specific class first), so no handler builds an error by hand.
+Routes of another API (Anthropic's /v1/messages) name their own `Envelope` in `ErrorSurfaces`:
+the same kind and message, written in that API's shape.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +127,28 @@ def error_body(message: str, kind: ErrorKind, param: str | None = None, code: st
     return {"error": {"message": message, "type": kind.type, "param": param, "code": code or kind.code}}
 
 
+# An error's kind, message, param and code -> the status and body a client of one API expects.
+Envelope = Callable[[ErrorKind, str, "str | None", "str | None"], tuple[int, dict[str, Any]]]
+
+
+def openai_envelope(kind: ErrorKind, message: str, param: str | None = None,
+                    code: str | None = None) -> tuple[int, dict[str, Any]]:
+    return kind.status, error_body(message, kind, param, code)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSurfaces:
+    """Which envelope a path's errors are written in: the first matching prefix's, else OpenAI's."""
+
+    prefixes: tuple[tuple[str, Envelope], ...] = ()
+
+    def for_path(self, path: str) -> Envelope:
+        for prefix, envelope in self.prefixes:
+            if path == prefix or path.startswith(prefix + "/"):
+                return envelope
+        return openai_envelope
+
+
 def kind_of(exc: BaseException) -> ErrorKind:
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
@@ -131,18 +156,23 @@ def kind_of(exc: BaseException) -> ErrorKind:
     return ERROR_TABLE[Exception]
 
 
-def describe(exc: BaseException) -> tuple[ErrorKind, dict[str, Any]]:
-    """The status/type of `exc` and its envelope."""
+def explain(exc: BaseException) -> tuple[ErrorKind, str, str | None, str | None]:
+    """The kind of `exc`, the message its client sees, and its param and code."""
     kind = kind_of(exc)
     if isinstance(exc, (pydantic.ValidationError, RequestValidationError)):
         message, param = validation_message(exc.errors())
-        return kind, error_body(message, kind, param)
+        return kind, message, param, None
     if isinstance(exc, (APIError, InvalidRequest)):
-        return kind, error_body(str(exc), kind, exc.param, exc.code)
+        return kind, str(exc), exc.param, exc.code
     if isinstance(exc, (TemplateError, EngineDeadError)):
-        return kind, error_body(str(exc), kind)
-    return kind, error_body(f"The server had an error while processing your request (error id {error_id(exc)}).",
-                            kind)
+        return kind, str(exc), None, None
+    return kind, f"The server had an error while processing your request (error id {error_id(exc)}).", None, None
+
+
+def describe(exc: BaseException) -> tuple[ErrorKind, dict[str, Any]]:
+    """The status/type of `exc` and its OpenAI envelope."""
+    kind, message, param, code = explain(exc)
+    return kind, error_body(message, kind, param, code)
 
 
 def error_id(exc: BaseException) -> str:
@@ -168,17 +198,18 @@ def log_internal(exc: BaseException, what: str) -> None:
         log.error("%s (error id %s)", what, error_id(exc), exc_info=exc)
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    kind, body = describe(exc)
+def error_response(exc: BaseException, envelope: Envelope = openai_envelope) -> JSONResponse:
+    kind, message, param, code = explain(exc)
     if kind.status >= 500:
         log_internal(exc, "internal error")
+    status, body = envelope(kind, message, param, code)
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyRequestsError) else None
-    return JSONResponse(body, status_code=kind.status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, surfaces: ErrorSurfaces = ErrorSurfaces()) -> None:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, surfaces.for_path(request.url.path))
 
     async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = STATUS_TABLE.get(exc.status_code, ErrorKind(exc.status_code, INVALID))
@@ -188,21 +219,23 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"Method {request.method} is not allowed for {request.url.path}"
         else:
             message = str(exc.detail)
-        return JSONResponse(error_body(message, kind), status_code=kind.status, headers=exc.headers)
+        status, body = surfaces.for_path(request.url.path)(kind, message, None, None)
+        return JSONResponse(body, status_code=status, headers=exc.headers)
 
     app.add_exception_handler(StarletteHTTPException, handle_http)
     for cls in ERROR_TABLE:
         if cls is not Exception:  # Starlette re-raises what its `Exception` handler served: see below
             app.add_exception_handler(cls, handle)
-    app.add_middleware(UnhandledErrors)
+    app.add_middleware(UnhandledErrors, surfaces=surfaces)
 
 
 class UnhandledErrors:
     """Answers any unexpected exception with the 500 envelope and keeps the connection usable
     (Starlette's own last-resort handler re-raises, and the server then drops the connection)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, surfaces: ErrorSurfaces = ErrorSurfaces()) -> None:
         self.app = app
+        self.surfaces = surfaces
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -220,7 +253,7 @@ class UnhandledErrors:
         except Exception as exc:
             if started:  # half a response is out: let the server end the connection
                 raise
-            await error_response(exc)(scope, receive, send)
+            await error_response(exc, self.surfaces.for_path(scope["path"]))(scope, receive, send)
 
 
 # ---- validation errors -> one clear sentence --------------------------------------------------

@@ -11,7 +11,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from layerserve.api.errors import ERROR_TABLE, BodyTooLargeError, error_body
+from layerserve.api.errors import ERROR_TABLE, BodyTooLargeError, ErrorSurfaces
 
 
 def _too_large_message(limit: int) -> str:
@@ -19,9 +19,10 @@ def _too_large_message(limit: int) -> str:
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, surfaces: ErrorSurfaces = ErrorSurfaces()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.surfaces = surfaces
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -29,7 +30,7 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         received = 0
 
@@ -44,12 +45,13 @@ class BodySizeLimit:
 
         await self.app(scope, counting_receive, send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send) -> None:
         kind = ERROR_TABLE[BodyTooLargeError]
-        body = json.dumps(error_body(_too_large_message(self.max_bytes), kind), separators=(",", ":")).encode()
+        status, payload = self.surfaces.for_path(scope["path"])(kind, _too_large_message(self.max_bytes), None, None)
+        body = json.dumps(payload, separators=(",", ":")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": kind.status, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 

@@ -77,3 +77,12 @@ def schema() -> SchemaChecker:
     # Missing is a failure, never a skip: a skip would let a clone without it pass while checking nothing.
     assert OPENAI_SPEC.is_file(), f"test fixture missing: {OPENAI_SPEC} (OpenAI's OpenAPI spec, part of the repo)"
     return SchemaChecker(yaml.safe_load(OPENAI_SPEC.read_text()))
+
+
+@pytest.fixture(scope="session")
+def anthropic_client(server: Server):
+    from anthropic import Anthropic
+
+    # base_url without /v1: the SDK adds it, as against api.anthropic.com
+    with Anthropic(base_url=server.base_url, api_key="your-api-key", max_retries=0, timeout=300) as client:
+        yield client

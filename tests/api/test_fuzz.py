@@ -1,8 +1,8 @@
 """Schemathesis against the real server, over the app's own OpenAPI schema (GET /openapi.json) and
 over OpenAI's (tests/fixtures/openai-subset.yaml, in the repo), with positive and negative generated requests.
 
-No request may get a 5xx; every 4xx is OpenAI's error envelope; every stream ends with [DONE] and
-carries no error event. Generation is derandomized (the same requests every run) and kept cheap:
+No request may get a 5xx; every 4xx is OpenAI's error envelope (Anthropic's on /v1/messages);
+every stream ends with [DONE] (message_stop on /v1/messages) and carries no error event. Generation is derandomized (the same requests every run) and kept cheap:
 a few dozen examples per operation, and completion lengths and choice counts capped, since
 each generated token costs tens of milliseconds on a CPU.
 """
@@ -30,6 +30,8 @@ MAX_PROMPTS = 2  # prompts in one positive /completions request
 APP_OPERATIONS = [
     "POST /v1/chat/completions",
     "POST /v1/completions",
+    "POST /v1/messages",
+    "POST /v1/messages/count_tokens",
     "POST /tokenize",
     "POST /detokenize",
     "GET /v1/models",
@@ -62,7 +64,7 @@ def _cap_cost(case: Any, mode: GenerationMode) -> None:
     cap what a request may generate. Only integers are touched, so a negative case's wrong
     type or negative number stays as generated."""
     body = case.body
-    if not isinstance(body, dict) or not case.path.endswith("completions"):
+    if not isinstance(body, dict) or not (case.path.endswith("completions") or case.path == "/v1/messages"):
         return
     for key, cap in CAPS.items():
         if type(body.get(key)) is int and body[key] > cap:
@@ -74,11 +76,32 @@ def _cap_cost(case: Any, mode: GenerationMode) -> None:
         body["prompt"] = prompt[:MAX_PROMPTS]
 
 
-def _problem(response: Any) -> str | None:
+def _anthropic_problem(response: Any) -> str | None:
+    """What is wrong with one response of an Anthropic route, or None."""
+    status, content_type = response.status_code, response.headers.get("content-type", [""])[0]
+    if status >= 400:
+        try:
+            body = response.json()
+        except ValueError:
+            return f"HTTP {status} without a JSON body: {response.text[:500]}"
+        error = body.get("error") if isinstance(body, dict) else None
+        if set(body) != {"type", "error"} or not isinstance(error, dict) or set(error) != {"type", "message"}:
+            return f"HTTP {status} not in Anthropic's error envelope: {response.text[:500]}"
+        return None
+    if content_type.startswith("text/event-stream"):
+        names = [e.split("\n", 1)[0].removeprefix("event: ") for e in response.text.split("\n\n") if e]
+        if not names or names[-1] != "message_stop" or "error" in names:
+            return f"stream does not end with message_stop, or carries an error: {response.text[-500:]}"
+    return None
+
+
+def _problem(response: Any, anthropic: bool = False) -> str | None:
     """What is wrong with one response, or None."""
     status, content_type = response.status_code, response.headers.get("content-type", [""])[0]  # lists of values
     if status >= 500:
         return f"HTTP {status}: {response.text[:1000]}"
+    if anthropic:
+        return _anthropic_problem(response)
     if status >= 400:
         try:
             body = response.json()
@@ -110,7 +133,7 @@ def _fuzz(operation: Any, mode: GenerationMode, base_url: str, log_tail: Callabl
         _cap_cost(case, mode)
         response = case.call(base_url=base_url, timeout=120)
         statuses.append(response.status_code)
-        problem = _problem(response)
+        problem = _problem(response, anthropic=case.path.startswith("/v1/messages"))
         if problem is not None:
             problems.append(f"{problem}\n  request: {case.as_curl_command()[:3000]}")
 
