@@ -76,18 +76,24 @@ def _cap_cost(case: Any, mode: GenerationMode) -> None:
         body["prompt"] = prompt[:MAX_PROMPTS]
 
 
+def _envelope_problem(response: Any, keys: set[str], error_keys: set[str], api: str) -> str | None:
+    """An error response not in `api`'s envelope: exactly `keys` at the top, `error_keys` in "error"."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {status} without a JSON body: {response.text[:500]}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or set(body) != keys or not isinstance(error, dict) or set(error) != error_keys:
+        return f"HTTP {status} not in {api}'s error envelope: {response.text[:500]}"
+    return None
+
+
 def _anthropic_problem(response: Any) -> str | None:
     """What is wrong with one response of an Anthropic route, or None."""
     status, content_type = response.status_code, response.headers.get("content-type", [""])[0]
     if status >= 400:
-        try:
-            body = response.json()
-        except ValueError:
-            return f"HTTP {status} without a JSON body: {response.text[:500]}"
-        error = body.get("error") if isinstance(body, dict) else None
-        if set(body) != {"type", "error"} or not isinstance(error, dict) or set(error) != {"type", "message"}:
-            return f"HTTP {status} not in Anthropic's error envelope: {response.text[:500]}"
-        return None
+        return _envelope_problem(response, {"type", "error"}, {"type", "message"}, "Anthropic")
     if content_type.startswith("text/event-stream"):
         names = [e.split("\n", 1)[0].removeprefix("event: ") for e in response.text.split("\n\n") if e]
         if not names or names[-1] != "message_stop" or "error" in names:
@@ -103,14 +109,7 @@ def _problem(response: Any, anthropic: bool = False) -> str | None:
     if anthropic:
         return _anthropic_problem(response)
     if status >= 400:
-        try:
-            body = response.json()
-        except ValueError:
-            return f"HTTP {status} without a JSON body: {response.text[:500]}"
-        error = body.get("error") if isinstance(body, dict) else None
-        if set(body) != {"error"} or not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
-            return f"HTTP {status} not in OpenAI's error envelope: {response.text[:500]}"
-        return None
+        return _envelope_problem(response, {"error"}, {"message", "type", "param", "code"}, "OpenAI")
     if content_type.startswith("text/event-stream"):
         events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
         if not events or events[-1] != "[DONE]":
