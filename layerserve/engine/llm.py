@@ -29,10 +29,13 @@ class GenerationResult:
 
 class LLM:
     """Runs the engine synchronously in the caller's thread. Prompts are strings (tokenized
-    as-is), token-id lists, or chat message lists (rendered with the model's template)."""
+    as-is), token-id lists, or chat message lists (rendered with the model's template).
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", compile: bool = True, draft_tokens: int = 3, kv_cache_memory: int = 1 << 30,
-                 max_model_len: int = 8192, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+    As `layerserve serve`'s flags: `compile=False` is --no-compile (eager steps only), and
+    `draft_tokens` is --draft-tokens (0: no speculative decoding)."""
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", compile: bool = True, draft_tokens: int = 3,
+                 kv_cache_memory: int = 1 << 30, max_model_len: int = 8192, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  enable_prefix_caching: bool = True, num_blocks: int | None = None, progress: bool = True) -> None:
         config = EngineConfig(
             model=model or "default",
