@@ -223,6 +223,50 @@ void quantize(const float* x, int64_t M, int64_t K, int8_t* q, float* d, float* 
   }
 }
 
+// ---------------------------------------------------------------- tile stores (both ops)
+// A tile's MB accumulator rows -> y rows m0.. (ncols < 16 for the last, partial tile); precise (P):
+// rows m0+i, m0+i+1 are the two passes of output row (m0+i)/2, summed before the store.
+
+template <int MB, bool P>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+inline void store_tile_avx512(__m512 (&acc)[MB], int64_t m0, float* __restrict y, int64_t ldy, int ncols) {
+  const __mmask16 keep = ncols >= R ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
+  if constexpr (P) {
+    static_assert(MB % 2 == 0);
+    for (int i = 0; i < MB; i += 2)
+      _mm512_mask_storeu_ps(y + ((m0 + i) / 2) * ldy, keep, _mm512_add_ps(acc[i], acc[i + 1]));
+  } else {
+    for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy, keep, acc[i]);
+  }
+}
+
+// AVX2 tiles keep the 16 rows as two 8-float halves.
+template <int MB, bool P>
+__attribute__((target("avx2,fma,f16c")))
+inline void store_tile_avx2(__m256 (&acc)[2][MB], int64_t m0, float* __restrict y, int64_t ldy, int ncols) {
+  if constexpr (P) {
+    static_assert(MB % 2 == 0);
+    for (int i = 0; i < MB; i += 2) {
+      acc[0][i / 2] = _mm256_add_ps(acc[0][i], acc[0][i + 1]);
+      acc[1][i / 2] = _mm256_add_ps(acc[1][i], acc[1][i + 1]);
+    }
+  }
+  constexpr int NOUT = P ? MB / 2 : MB;
+  const int64_t o0 = P ? m0 / 2 : m0;
+  for (int i = 0; i < NOUT; ++i) {
+    float* yp = y + (o0 + i) * ldy;
+    if (ncols >= R) {
+      _mm256_storeu_ps(yp, acc[0][i]);
+      _mm256_storeu_ps(yp + 8, acc[1][i]);
+    } else {
+      alignas(32) float tmp[R];
+      _mm256_store_ps(tmp, acc[0][i]);
+      _mm256_store_ps(tmp + 8, acc[1][i]);
+      std::memcpy(yp, tmp, sizeof(float) * ncols);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- tile kernels
 // One tile (16 output rows, all of K) against MB activation rows m0..m0+MB-1; writes y[m][0..ncols).
 
@@ -259,14 +303,7 @@ void tile_avx512(const uint8_t* __restrict blk, const Act& a, int64_t m0, float*
       acc[i] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[i * a.G + g]), acc[i]);
     }
   }
-  const __mmask16 keep = ncols >= R ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
-  if constexpr (P) {  // rows m0+i, m0+i+1 are the two passes of output row (m0+i)/2
-    static_assert(MB % 2 == 0);
-    for (int i = 0; i < MB; i += 2)
-      _mm512_mask_storeu_ps(y + ((m0 + i) / 2) * ldy, keep, _mm512_add_ps(acc[i], acc[i + 1]));
-  } else {
-    for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy, keep, acc[i]);
-  }
+  store_tile_avx512<MB, P>(acc, m0, y, ldy, ncols);
 }
 
 template <int MB, bool P = false>
@@ -310,27 +347,7 @@ void tile_avx2(const uint8_t* __restrict blk, const Act& a, int64_t m0, float* _
       }
     }
   }
-  if constexpr (P) {  // fold the two passes: rows m0+i, m0+i+1 -> output row (m0+i)/2
-    static_assert(MB % 2 == 0);
-    for (int i = 0; i < MB; i += 2) {
-      acc[0][i / 2] = _mm256_add_ps(acc[0][i], acc[0][i + 1]);
-      acc[1][i / 2] = _mm256_add_ps(acc[1][i], acc[1][i + 1]);
-    }
-  }
-  constexpr int NOUT = P ? MB / 2 : MB;
-  const int64_t o0 = P ? m0 / 2 : m0;
-  for (int i = 0; i < NOUT; ++i) {
-    float* yp = y + (o0 + i) * ldy;
-    if (ncols >= R) {
-      _mm256_storeu_ps(yp, acc[0][i]);
-      _mm256_storeu_ps(yp + 8, acc[1][i]);
-    } else {
-      alignas(32) float tmp[R];
-      _mm256_store_ps(tmp, acc[0][i]);
-      _mm256_store_ps(tmp + 8, acc[1][i]);
-      std::memcpy(yp, tmp, sizeof(float) * ncols);
-    }
-  }
+  store_tile_avx2<MB, P>(acc, m0, y, ldy, ncols);
 }
 
 void tile_plain(const uint8_t* blk, const Act& a, int64_t m0, int64_t mb, float* y, int64_t ldy, int ncols,
@@ -409,14 +426,7 @@ void q8_tile_avx512(const uint8_t* __restrict blk, const Act& a, int64_t m0, flo
       acc[i] = _mm512_fmadd_ps(sum, _mm512_mul_ps(dw, _mm512_set1_ps(xd[i * a.G + g])), acc[i]);
     }
   }
-  const __mmask16 keep = ncols >= R ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
-  if constexpr (P) {  // rows m0+i, m0+i+1 are the two passes of output row (m0+i)/2
-    static_assert(MB % 2 == 0);
-    for (int i = 0; i < MB; i += 2)
-      _mm512_mask_storeu_ps(y + ((m0 + i) / 2) * ldy, keep, _mm512_add_ps(acc[i], acc[i + 1]));
-  } else {
-    for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(y + (m0 + i) * ldy, keep, acc[i]);
-  }
+  store_tile_avx512<MB, P>(acc, m0, y, ldy, ncols);
 }
 
 template <int MB, bool P = false>
@@ -451,27 +461,7 @@ void q8_tile_avx2(const uint8_t* __restrict blk, const Act& a, int64_t m0, float
       }
     }
   }
-  if constexpr (P) {  // fold the two passes: rows m0+i, m0+i+1 -> output row (m0+i)/2
-    static_assert(MB % 2 == 0);
-    for (int i = 0; i < MB; i += 2) {
-      acc[0][i / 2] = _mm256_add_ps(acc[0][i], acc[0][i + 1]);
-      acc[1][i / 2] = _mm256_add_ps(acc[1][i], acc[1][i + 1]);
-    }
-  }
-  constexpr int NOUT = P ? MB / 2 : MB;
-  const int64_t o0 = P ? m0 / 2 : m0;
-  for (int i = 0; i < NOUT; ++i) {
-    float* yp = y + (o0 + i) * ldy;
-    if (ncols >= R) {
-      _mm256_storeu_ps(yp, acc[0][i]);
-      _mm256_storeu_ps(yp + 8, acc[1][i]);
-    } else {
-      alignas(32) float tmp[R];
-      _mm256_store_ps(tmp, acc[0][i]);
-      _mm256_store_ps(tmp + 8, acc[1][i]);
-      std::memcpy(yp, tmp, sizeof(float) * ncols);
-    }
-  }
+  store_tile_avx2<MB, P>(acc, m0, y, ldy, ncols);
 }
 
 void q8_tile_plain(const uint8_t* blk, const Act& a, int64_t m0, int64_t mb, float* y, int64_t ldy, int ncols,
@@ -508,61 +498,41 @@ void q8_tile_plain(const uint8_t* blk, const Act& a, int64_t m0, int64_t mb, flo
 
 using TileFn = void (*)(const uint8_t*, const Act&, int64_t, float*, int64_t, int);
 
+// The tile kernel for MB activation rows (precise: MB even, pairs of passes) of int4 or int8 weights.
+template <bool Q8, int MB, bool P>
+TileFn avx512_tile() { if constexpr (Q8) return q8_tile_avx512<MB, P>; else return tile_avx512<MB, P>; }
+
+template <bool Q8, int MB, bool P>
+TileFn avx2_tile() { if constexpr (Q8) return q8_tile_avx2<MB, P>; else return tile_avx2<MB, P>; }
+
+template <bool Q8>
 TileFn avx512_fn(int64_t mb, bool precise) {
-  if (precise) switch (mb) {  // mb is even: pairs of passes
-    case 2: return tile_avx512<2, true>;
-    case 4: return tile_avx512<4, true>;
-    case 6: return tile_avx512<6, true>;
-    default: return tile_avx512<8, true>;
+  if (precise) switch (mb) {
+    case 2: return avx512_tile<Q8, 2, true>();
+    case 4: return avx512_tile<Q8, 4, true>();
+    case 6: return avx512_tile<Q8, 6, true>();
+    default: return avx512_tile<Q8, 8, true>();
   }
   switch (mb) {
-    case 1: return tile_avx512<1>;
-    case 2: return tile_avx512<2>;
-    case 3: return tile_avx512<3>;
-    case 4: return tile_avx512<4>;
-    case 5: return tile_avx512<5>;
-    case 6: return tile_avx512<6>;
-    case 7: return tile_avx512<7>;
-    default: return tile_avx512<8>;
+    case 1: return avx512_tile<Q8, 1, false>();
+    case 2: return avx512_tile<Q8, 2, false>();
+    case 3: return avx512_tile<Q8, 3, false>();
+    case 4: return avx512_tile<Q8, 4, false>();
+    case 5: return avx512_tile<Q8, 5, false>();
+    case 6: return avx512_tile<Q8, 6, false>();
+    case 7: return avx512_tile<Q8, 7, false>();
+    default: return avx512_tile<Q8, 8, false>();
   }
 }
 
+template <bool Q8>
 TileFn avx2_fn(int64_t mb, bool precise) {
-  if (precise) return mb == 2 ? tile_avx2<2, true> : tile_avx2<4, true>;
+  if (precise) return mb == 2 ? avx2_tile<Q8, 2, true>() : avx2_tile<Q8, 4, true>();
   switch (mb) {
-    case 1: return tile_avx2<1>;
-    case 2: return tile_avx2<2>;
-    case 3: return tile_avx2<3>;
-    default: return tile_avx2<4>;
-  }
-}
-
-TileFn q8_avx512_fn(int64_t mb, bool precise) {
-  if (precise) switch (mb) {  // mb is even: pairs of passes
-    case 2: return q8_tile_avx512<2, true>;
-    case 4: return q8_tile_avx512<4, true>;
-    case 6: return q8_tile_avx512<6, true>;
-    default: return q8_tile_avx512<8, true>;
-  }
-  switch (mb) {
-    case 1: return q8_tile_avx512<1>;
-    case 2: return q8_tile_avx512<2>;
-    case 3: return q8_tile_avx512<3>;
-    case 4: return q8_tile_avx512<4>;
-    case 5: return q8_tile_avx512<5>;
-    case 6: return q8_tile_avx512<6>;
-    case 7: return q8_tile_avx512<7>;
-    default: return q8_tile_avx512<8>;
-  }
-}
-
-TileFn q8_avx2_fn(int64_t mb, bool precise) {
-  if (precise) return mb == 2 ? q8_tile_avx2<2, true> : q8_tile_avx2<4, true>;
-  switch (mb) {
-    case 1: return q8_tile_avx2<1>;
-    case 2: return q8_tile_avx2<2>;
-    case 3: return q8_tile_avx2<3>;
-    default: return q8_tile_avx2<4>;
+    case 1: return avx2_tile<Q8, 1, false>();
+    case 2: return avx2_tile<Q8, 2, false>();
+    case 3: return avx2_tile<Q8, 3, false>();
+    default: return avx2_tile<Q8, 4, false>();
   }
 }
 
@@ -571,63 +541,15 @@ constexpr int64_t MB_AVX2 = 4;
 
 // ---------------------------------------------------------------- ops
 
-void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t n) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "layerserve_q4: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "layerserve_q4: x must be float32 (M, K)");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(2) == BLK && w.is_contiguous(),
-              "layerserve_q4: packed weights must be contiguous uint8 (N/16, K/32, 320)");
-  TORCH_CHECK(x.size(1) == w.size(1) * GK, "layerserve_q4: x has K=", x.size(1), ", weights K=", w.size(1) * GK);
-  TORCH_CHECK(n > (w.size(0) - 1) * R && n <= w.size(0) * R, "layerserve_q4: n=", n, " does not fit ", w.size(0), " tiles");
-}
-
-at::Tensor q4_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t path_in, bool precise) {
-  check_inputs(x_in, w, n);
-  const Path path = resolve(path_in);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), G = K / GK, NT = w.size(0);
-  at::Tensor y = at::empty({M, n}, x.options());
-  if (M == 0 || n == 0) return y;
-  if (K == 0) return y.zero_();
-  const int64_t MA = precise ? 2 * M : M;  // activation rows: two passes per row when precise
-  std::vector<int8_t> xq(MA * K);
-  std::vector<float> xd(MA * G), xs(MA * G);
-  quantize(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xs.data(), path, precise);
-  const Act a{xq.data(), xd.data(), xs.data(), K, G};
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  const int64_t tile_bytes = G * BLK;
-  // At least ~16 KB of weights per thread: smaller work is not worth waking a thread for.
-  const int64_t grain = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, tile_bytes));
-  at::parallel_for(0, NT, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* blk = wp + t * tile_bytes;
-      float* yt = yp + t * R;
-      const int ncols = (int)std::min<int64_t>(R, n - t * R);
-      for (int64_t m0 = 0; m0 < MA;) {
-        if (path == AVX512) {
-          const int64_t mb = std::min(MB_AVX512, MA - m0);
-          avx512_fn(mb, precise)(blk, a, m0, yt, n, ncols);
-          m0 += mb;
-        } else if (path == AVX2) {
-          const int64_t mb = std::min(MB_AVX2, MA - m0);
-          avx2_fn(mb, precise)(blk, a, m0, yt, n, ncols);
-          m0 += mb;
-        } else {
-          tile_plain(blk, a, m0, MA - m0, yt, n, ncols, precise);
-          m0 = MA;
-        }
-      }
-    }
-  });
-  return y;
-}
-
-
-at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t path_in, bool precise) {
+// y = x W^T for packed int4 (Q8 = false) or int8 (Q8 = true) weights: quantize x's rows, then each
+// 16-row weight tile against all activation rows, tiles split over torch's threads.
+template <bool Q8>
+at::Tensor matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int64_t path_in, bool precise) {
+  const int64_t block = Q8 ? Q8BLK : BLK;
   TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "layerserve_q4: CPU tensors only");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "layerserve_q4: x must be float32 (M, K)");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(2) == Q8BLK && w.is_contiguous(),
-              "layerserve_q4: packed q8 weights must be contiguous uint8 (N/16, K/32, 544)");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(2) == block && w.is_contiguous(),
+              "layerserve_q4: packed ", Q8 ? "q8" : "q4", " weights must be contiguous uint8 (N/16, K/32, ", block, ")");
   TORCH_CHECK(x_in.size(1) == w.size(1) * GK, "layerserve_q4: x has K=", x_in.size(1), ", weights K=", w.size(1) * GK);
   TORCH_CHECK(n > (w.size(0) - 1) * R && n <= w.size(0) * R, "layerserve_q4: n=", n, " does not fit ", w.size(0), " tiles");
   const Path path = resolve(path_in);
@@ -639,17 +561,21 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int
   const int64_t MA = precise ? 2 * M : M;  // activation rows: two passes per row when precise
   std::vector<int8_t> xq(MA * K);
   std::vector<float> xd(MA * G), xs(MA * G);
-  std::vector<int32_t> qsum(MA * G);
   quantize(x.data_ptr<float>(), M, K, xq.data(), xd.data(), xs.data(), path, precise);
-  for (int64_t i = 0; i < MA * G; ++i) {
-    int32_t t = 0;
-    for (int j = 0; j < GK; ++j) t += xq[i * GK + j];
-    qsum[i] = t;
+  std::vector<int32_t> qsum;  // matmul_q8's signed products need each group's sum of qx
+  if constexpr (Q8) {
+    qsum.resize(MA * G);
+    for (int64_t i = 0; i < MA * G; ++i) {
+      int32_t t = 0;
+      for (int j = 0; j < GK; ++j) t += xq[i * GK + j];
+      qsum[i] = t;
+    }
   }
-  const Act a{xq.data(), xd.data(), xs.data(), K, G, qsum.data()};
+  const Act a{xq.data(), xd.data(), xs.data(), K, G, Q8 ? qsum.data() : nullptr};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const int64_t tile_bytes = G * Q8BLK;
+  const int64_t tile_bytes = G * block;
+  // At least ~16 KB of weights per thread: smaller work is not worth waking a thread for.
   const int64_t grain = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, tile_bytes));
   at::parallel_for(0, NT, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -659,20 +585,29 @@ at::Tensor q8_matmul(const at::Tensor& x_in, const at::Tensor& w, int64_t n, int
       for (int64_t m0 = 0; m0 < MA;) {
         if (path == AVX512) {
           const int64_t mb = std::min(MB_AVX512, MA - m0);
-          q8_avx512_fn(mb, precise)(blk, a, m0, yt, n, ncols);
+          avx512_fn<Q8>(mb, precise)(blk, a, m0, yt, n, ncols);
           m0 += mb;
         } else if (path == AVX2) {
           const int64_t mb = std::min(MB_AVX2, MA - m0);
-          q8_avx2_fn(mb, precise)(blk, a, m0, yt, n, ncols);
+          avx2_fn<Q8>(mb, precise)(blk, a, m0, yt, n, ncols);
           m0 += mb;
         } else {
-          q8_tile_plain(blk, a, m0, MA - m0, yt, n, ncols, precise);
+          if constexpr (Q8) q8_tile_plain(blk, a, m0, MA - m0, yt, n, ncols, precise);
+          else tile_plain(blk, a, m0, MA - m0, yt, n, ncols, precise);
           m0 = MA;
         }
       }
     }
   });
   return y;
+}
+
+at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& w, int64_t n, int64_t path, bool precise) {
+  return matmul<false>(x, w, n, path, precise);
+}
+
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& w, int64_t n, int64_t path, bool precise) {
+  return matmul<true>(x, w, n, path, precise);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q4_quantize_rows(const at::Tensor& x_in, int64_t path_in) {
