@@ -23,7 +23,6 @@ import os
 import pathlib
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,7 @@ from bench.common import PromptMaker, Timing, aggregate_rate, cpu_model_name  # 
 from bench.engine import gguf_weight_bytes  # noqa: E402
 from bench.multiturn import TOPICS, chat_turn, tool_prompt  # noqa: E402
 from bench.multiturn import agentic as multiturn_agentic  # noqa: E402
-from bench.peers import CACHE_DIR, build_llama_server  # noqa: E402
+from bench.peers import CACHE_DIR, _free_port, build_llama_server  # noqa: E402
 from layerserve.model.cpu_load import CpuWatch  # noqa: E402
 from layerserve.model_files import default_model_path  # noqa: E402
 
@@ -110,12 +109,6 @@ class Server:
     @property
     def v1(self) -> str:
         return self.url + "/v1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(log: pathlib.Path, lines: int = 20) -> str:

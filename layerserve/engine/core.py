@@ -142,7 +142,7 @@ class EngineCore:
                 continue
             item = out.scheduled[row]
             if item.draft and item.seq is seq:
-                self.scheduler.drafter.record(len(item.draft), len(token_ids) - 1)
+                self.scheduler.drafter.record(seq.draft_index, len(item.draft), len(token_ids) - 1)
             finished = False
             for j, (token_id, logprob) in enumerate(zip(token_ids, logprobs)):
                 finished = self.outputs.append_token(seq, token_id, logprob)

@@ -26,6 +26,8 @@ class NgramIndex:
 
     ends: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0  # positions < indexed have had their n-grams ending there recorded
+    backoff: int = 0  # steps to skip after the next fully rejected draft (doubles while they fail)
+    skip: int = 0  # steps left without drafting
 
 
 @dataclass(slots=True)
@@ -58,7 +60,23 @@ class PromptLookup:
                 return tokens[start:start + limit]
         return []
 
-    def record(self, drafted: int, accepted: int) -> None:
+    def record(self, index: NgramIndex, drafted: int, accepted: int) -> None:
+        """After a verification: a sequence whose drafts are all rejected drafts again only after 1,
+        2, 4 ... 16 steps (text that does not copy its context stops paying for rows it throws
+        away); one kept token resets that."""
         self.stats.drafted += drafted
         self.stats.accepted += accepted
         self.stats.steps += 1
+        if accepted:
+            index.backoff = 0
+        else:
+            index.backoff = min(2 * index.backoff or 1, 16)
+            index.skip = index.backoff
+
+    @staticmethod
+    def waiting(index: NgramIndex) -> bool:
+        """Whether the sequence sits out this step (after rejected drafts); counts the step."""
+        if index.skip > 0:
+            index.skip -= 1
+            return True
+        return False

@@ -111,6 +111,8 @@ class Scheduler:
             return []
         if seq.draft_index is None:
             seq.draft_index = NgramIndex()
+        if drafter.waiting(seq.draft_index):
+            return []
         draft = drafter.propose(seq.token_ids, seq.draft_index, limit)
         if draft and mask is not None:
             draft = draft[:mask.valid_prefix(draft)]

@@ -61,6 +61,22 @@ def test_incremental_index_proposes_what_a_fresh_one_does():
         tokens += [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
 
 
+def test_rejected_drafts_back_off_and_a_kept_token_resets():
+    lookup = PromptLookup(SpeculativeConfig())
+    index = NgramIndex()
+    waits = []
+    for _ in range(6):  # every draft rejected: sit out 1, 2, 4, 8, 16, 16 steps
+        lookup.record(index, 3, 0)
+        n = 0
+        while lookup.waiting(index):
+            n += 1
+        waits.append(n)
+    assert waits == [1, 2, 4, 8, 16, 16]
+    lookup.record(index, 3, 1)
+    assert not lookup.waiting(index) and index.backoff == 0
+    assert lookup.stats.drafted == 21 and lookup.stats.accepted == 1
+
+
 def test_drafts_never_preempt_and_respect_the_batch_width(smollm_tokenizer):
     """With the fake runner (it emits one filler token, so every draft is rejected) drafts appear
     for a lone sequence, never for a batch wider than max_batch, and never take the last blocks."""

@@ -217,7 +217,7 @@ def test_every_cpu_path_computes_the_same_step():
     for code in torch.ops.layerserve_q4.paths():
         step._path = code
         outs[code] = step(ids, one_sequence(slots, 0), kv_pool(c, 13, torch.float16))
-    assert len(outs) >= 1
+    assert len(outs) >= 2  # the plain path runs everywhere, a vector one on every x86-64 we serve
     first = next(iter(outs.values()))
     for out in outs.values():
         assert (out - first).abs().max() <= 1e-2 * first.abs().max()
