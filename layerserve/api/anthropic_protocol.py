@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from layerserve.api.protocol import INT64_MAX, INT64_MIN, FunctionName, Loose, Strict
+from layerserve.api.protocol import INT64_MAX, INT64_MIN, FunctionName, Loose, Strict, refuse_body_session_id
 
 
 class CacheControl(Strict):
@@ -117,7 +117,7 @@ class Metadata(Strict):
 class PromptFields(Strict):
     """What decides the prompt: shared by /v1/messages and /v1/messages/count_tokens."""
 
-    model: str
+    model: str | None = None  # optional: absent, the response names the server's model
     messages: Annotated[list[MessageParam], Field(min_length=1)]
     system: str | list[TextBlock] | None = None
     tools: list[ToolParam] | None = None
@@ -139,6 +139,12 @@ class MessagesRequest(PromptFields):
     # Extensions (as on chat completions).
     seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     ignore_eos: bool | None = None
+    session_id: Any = None  # refused: a session turn is bound by the x-layerscale-session-id header
+
+    @field_validator("session_id", mode="before")
+    @classmethod
+    def _no_session_id(cls, value: Any) -> Any:
+        return refuse_body_session_id(value)
 
 
 class CountTokensRequest(PromptFields):

@@ -13,7 +13,8 @@ import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from layerserve.api.errors import InvalidRequestError, validation_message
 
@@ -224,7 +225,24 @@ class SamplingFields(Strict):
     skip_special_tokens: bool | None = None
 
 
+# The header a LayerScale session turn is bound by; a `session_id` in the body is refused, naming it.
+SESSION_HEADER = "x-layerscale-session-id"
+
+
+def refuse_body_session_id(value: Any) -> Any:
+    """The `session_id` body field's validator: null means no session, anything else is a 400."""
+    if value is not None:
+        raise PydanticCustomError("session_id_in_body",
+                                  f"'session_id' is not read from the request body; send it as the "
+                                  f"'{SESSION_HEADER}' header")
+    return value
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class ChatCompletionRequest(SamplingFields):
+    model: str | None = None  # optional: the response names the server's model whatever is sent
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -246,13 +264,33 @@ class ChatCompletionRequest(SamplingFields):
     modalities: list[Literal["text", "audio"]] | None = None
     audio: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
     verbosity: str | None = None
     web_search_options: dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     moderation: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # extension: extra variables for the template
+    # Reasoning controls (OpenAI's reasoning_effort; LayerScale's three booleans). Accepted on every model;
+    # they change nothing on one without a reasoning mode.
+    reasoning_effort: ReasoningEffort | None = None
+    include_reasoning: bool | None = None
+    separate_reasoning: bool | None = None
+    stream_reasoning: bool | None = None
+    session_id: Any = None  # refused: a session turn is bound by the SESSION_HEADER header
+
+    @field_validator("session_id", mode="before")
+    @classmethod
+    def _no_session_id(cls, value: Any) -> Any:
+        return refuse_body_session_id(value)
+
+    @field_validator("chat_template_kwargs", mode="after")
+    @classmethod
+    def _default_generation_prompt(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """`add_generation_prompt: true` is what every chat request renders anyway (LayerScale's client
+        may send it); any other value stays, for chat_prompt to refuse."""
+        if value is not None and value.get("add_generation_prompt") is True:
+            value = {k: v for k, v in value.items() if k != "add_generation_prompt"}
+        return value
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]

@@ -78,5 +78,8 @@ async def test_failed_load_is_reported():
 
     await app.state.server.load(broken_loader)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        error = assert_error(await client.get("/health"), 503, code="model_not_ready")
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"  # LayerScale's HealthBody
+        error = health.json()["error"]
+        assert error["code"] == "model_not_ready"
         assert "failed to load" in error["message"] and "/nowhere.gguf" not in error["message"]  # details: the log
