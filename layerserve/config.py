@@ -40,6 +40,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # running sequences at once
     max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
     max_model_len: int = 8192  # prompt + completion
+    background_share: float = 0.25  # of each step's budget, kept for background work (session ingest) when it has some
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,4 +87,8 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # on SIGTERM/SIGINT: seconds to let in-flight requests finish
     log_prompts: bool = False  # include prompt text in the per-request log line
     tool_call_format: str | None = None  # None: detected from the chat template (generic as fallback)
+    max_sessions: int = 64  # live sessions at once (the KV pool is the real limit)
+    session_ttl: float = 3600.0  # seconds a session may sit unused before it is deleted
+    session_dir: str | None = None  # session journals; None: under the user's cache dir, by port and model
+    debug: bool = False  # /debug/* routes (a session's held token ids)
     log_level: str = "info"

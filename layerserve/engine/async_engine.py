@@ -85,16 +85,32 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join)
         self._thread = None
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                    session_id: str | None = None, background: bool = False) -> AsyncIterator[RequestOutput]:
         """Queue a request; returns the iterator of its outputs. Raises InvalidRequest at once
-        when the request can never be served (e.g. too long). Leaving the iterator early aborts."""
+        when the request can never be served (e.g. too long, or sessions hold the KV pool).
+        Leaving the iterator early aborts. `session_id`, `background`: see EngineCore.add_request."""
         if not self.running:
             raise EngineDeadError("the engine is not running")
         self.core.validate(prompt_ids, params)
+        self.core.check_room(prompt_ids, params, session_id)  # again on the engine thread, authoritatively
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt_ids, params))
+        self._commands.put(("add", request_id, prompt_ids, params, session_id, background))
         return self._iterate(request_id, stream)
+
+    def cancel(self, request_id: str) -> None:
+        """Abort at the next step, like `abort`, but the request's iterator still gets its last
+        output (finish reason abort, with what it computed)."""
+        self._commands.put(("abort", request_id))
+
+    def open_session(self, session_id: str) -> None:
+        """Give a session its (empty) held KV context; requests on it may follow at once."""
+        self._commands.put(("open_session", session_id))
+
+    def close_session(self, session_id: str) -> None:
+        """Free a session's held KV (when the request that has it, if any, ends)."""
+        self._commands.put(("close_session", session_id))
 
     async def _iterate(self, request_id: str, stream: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -177,15 +193,20 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple) -> list[RequestOutput]:
         if cmd[0] == "add":
-            _, request_id, prompt_ids, params = cmd
+            _, request_id, prompt_ids, params, session_id, background = cmd
             try:
-                self.core.add_request(request_id, prompt_ids, params)
+                self.core.add_request(request_id, prompt_ids, params, session_id=session_id, background=background)
             except InvalidRequest as exc:
-                return [RequestOutput(request_id, [], len(prompt_ids), 0, 0, True, error=str(exc))]
+                return [RequestOutput(request_id, [], len(prompt_ids), 0, 0, True, error=str(exc),
+                                      error_code=exc.code or "invalid_request")]
             except Exception:
                 log.exception("adding request %s failed", request_id)
                 self.core.fail([request_id], INTERNAL_ERROR)
                 return [RequestOutput(request_id, [], len(prompt_ids), 0, 0, True, error=INTERNAL_ERROR)]
+        elif cmd[0] == "open_session":
+            self.core.open_session(cmd[1])
+        elif cmd[0] == "close_session":
+            self.core.close_session(cmd[1])
         elif cmd[0] == "abort":
             try:
                 out = self.core.abort(cmd[1], FinishReason.ABORT)

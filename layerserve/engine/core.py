@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from layerserve.config import EngineConfig
 from layerserve.engine.draft import DraftStats, PromptLookup
+from layerserve.engine.held import HeldContext, take_over
 from layerserve.engine.kv_cache import KVCacheManager
 from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams
 from layerserve.engine.scheduler import Scheduler
@@ -46,6 +47,7 @@ class EngineStats:
     num_failed_batches: int  # steps whose forward or update raised (their requests failed)
     spec_draft_tokens: int = 0  # draft tokens computed (speculative decoding)
     spec_accepted_tokens: int = 0  # of which kept
+    num_held_blocks: int = 0  # blocks sessions hold
 
 
 class EngineCore:
@@ -64,6 +66,36 @@ class EngineCore:
         self._rng = random.Random()
         self.num_steps = 0
         self.num_failed_batches = 0
+        self.held: dict[str, HeldContext] = {}  # session id -> its KV between requests
+        self._early: list[RequestOutput] = []  # outputs of requests that ended when added
+
+    # ---- sessions ------------------------------------------------------------------------
+    def open_session(self, session_id: str) -> None:
+        """An empty held context for a session (a session that has one keeps it)."""
+        self.held.setdefault(session_id, HeldContext(session_id))
+
+    def close_session(self, session_id: str) -> None:
+        """Free a session's KV (at once, or when the request that has it ends)."""
+        ctx = self.held.pop(session_id, None)
+        if ctx is None:
+            return
+        if ctx.in_use is not None:
+            ctx.closing = True
+        else:
+            self.kv.free(ctx.block_table)
+            ctx.block_table = []
+
+    def held_blocks(self, but: str | None = None) -> int:
+        """Blocks sessions hold (optionally leaving one session out)."""
+        return sum(ctx.num_blocks(self.kv) for sid, ctx in self.held.items() if sid != but)
+
+    def session_room(self, session_id: str | None) -> int:
+        """Blocks a request may count on: the pool minus what (other) sessions hold; a session
+        request also leaves one longest request's worth for everyone else."""
+        room = self.kv.num_blocks - self.held_blocks(but=session_id)
+        if session_id is not None:
+            room -= self.kv.blocks_needed(self.max_model_len)
+        return room
 
     # ---- requests ------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -82,11 +114,36 @@ class EngineCore:
                 param="messages",
             )
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestGroup:
+    def check_room(self, prompt_ids: list[int], params: SamplingParams, session_id: str | None) -> None:
+        """Refuse (code kv_pool_full) a request whose prompt can never get its blocks because
+        sessions hold the pool."""
+        need = self.kv.blocks_needed(len(prompt_ids) + (1 if params.max_tokens != 0 else 0))
+        room = self.session_room(session_id)
+        if need > room:
+            held = self.held_blocks(but=session_id) * self.kv.block_size
+            what = "this session" if session_id is not None else "this request"
+            raise InvalidRequest(
+                f"The KV pool is full: sessions hold {held} of its {self.kv.num_blocks * self.kv.block_size} "
+                f"token slots, and {what} needs {len(prompt_ids) + 1}. Delete sessions or start the server "
+                f"with a larger --kv-cache-memory.", code="kv_pool_full", param="messages")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                    session_id: str | None = None, background: bool = False) -> RequestGroup:
+        """Queue a request. With `session_id` it runs on that session's held KV (the common prefix is
+        reused, only the tail computed) and the session holds the result afterwards; n must be 1.
+        `background`: the lower priority class."""
         self.validate(prompt_ids, params)
         if request_id in self.groups:
             raise InvalidRequest(f"duplicate request id {request_id}")
-        group = RequestGroup(request_id, list(prompt_ids), params, time.monotonic())
+        ctx = None
+        if session_id is not None:
+            ctx = self.held.get(session_id)
+            if ctx is None:
+                raise InvalidRequest(f"no session {session_id}", code="session_not_found")
+            if ctx.in_use is not None or params.n != 1:
+                raise InvalidRequest(f"session {session_id} is busy", code="session_busy")
+        self.check_room(prompt_ids, params, session_id)
+        group = RequestGroup(request_id, list(prompt_ids), params, time.monotonic(), background=background)
         # Any integer seed is accepted; the sampler keys its noise by all 64 bits and the choice index.
         seed = (params.seed if params.seed is not None else self._rng.getrandbits(64)) & ((1 << 64) - 1)
         for index in range(params.n):
@@ -94,8 +151,43 @@ class EngineCore:
             self.outputs.init_sequence(seq)
             group.seqs.append(seq)
         self.groups[request_id] = group
+        if ctx is not None:
+            self._attach(group.seqs[0], ctx)
+            if group.seqs[0].prefill_only and group.seqs[0].num_computed_tokens == len(prompt_ids):
+                self._finish_now(group, FinishReason.LENGTH)  # the session holds all of it already
+                return group
         self.scheduler.add(group)
         return group
+
+    def _attach(self, seq: Sequence, ctx: HeldContext) -> None:
+        """Give `seq` the session's blocks for the prefix it shares with the held tokens."""
+        max_reuse = seq.num_tokens if seq.prefill_only else seq.num_tokens - 1  # a sample needs a computed token
+        attached = take_over(self.kv, ctx, seq.token_ids, max_reuse)
+        seq.block_table = attached.block_table
+        seq.block_hashes = attached.block_hashes
+        seq.num_computed_tokens = attached.num_computed
+        seq.num_indexed_blocks = attached.num_indexed_blocks
+        seq.held = ctx
+        seq.group.num_held_tokens = attached.num_computed
+        seq.group.num_cached_tokens = attached.num_computed
+        ctx.in_use = seq
+
+    def _finish_now(self, group: RequestGroup, reason: FinishReason) -> None:
+        for seq in group.seqs:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+        group.prefix_counted = True
+        self._early.append(self._output(group))
+        del self.groups[group.request_id]
+
+    def _output(self, group: RequestGroup, error: str | None = None) -> RequestOutput:
+        out = self.outputs.make_output(group, error=error)
+        out.held_tokens = group.num_held_tokens
+        ctx = group.seqs[0].held
+        if group.finished and ctx is not None:
+            out.session_token_ids = list(ctx.token_ids)
+            out.session_kv_tokens = ctx.num_kv
+        return out
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> RequestOutput | None:
         """Finish a request now, freeing its blocks. Returns its last output (None if unknown)."""
@@ -106,22 +198,24 @@ class EngineCore:
             if not seq.finished:
                 seq.finish_reason = reason
                 self.scheduler.finish(seq)
-        return self.outputs.make_output(group, error=None)
+        return self._output(group)
 
     # ---- the loop ------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._early)
 
     def step(self) -> list[RequestOutput]:
         """One scheduling step. A fault while running the batch (the forward pass, sampling, a
         grammar, detokenizing) fails only the requests in that batch, with an error output, and
         frees their blocks; requests that were not in it go on at the next step."""
+        early, self._early = self._early, []
         out = self.scheduler.schedule()
         self.num_steps += 1
+        early += self._end_out_of_room(out.out_of_room)
         if out.is_empty:
-            return []
+            return early
         try:
-            return self._run_batch(out)
+            return early + self._run_batch(out)
         except Exception:
             log.exception("engine step failed; failing the %d request(s) in its batch", len(out.scheduled))
             self.num_failed_batches += 1
@@ -157,11 +251,31 @@ class EngineCore:
             if finished:
                 self.scheduler.finish(seq)
             touched[seq.group.request_id] = seq.group
+        for item in out.scheduled:  # prefill-only requests end once their prompt has KV
+            seq = item.seq
+            if seq.prefill_only and not seq.finished and seq.num_computed_tokens >= seq.num_tokens:
+                seq.finish_reason = FinishReason.LENGTH
+                self.scheduler.finish(seq)
+                touched[seq.group.request_id] = seq.group
         outputs = []
         for request_id, group in touched.items():
-            outputs.append(self.outputs.make_output(group))
+            outputs.append(self._output(group))
             if group.finished:
                 del self.groups[request_id]
+        return outputs
+
+    def _end_out_of_room(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Session sequences the pool (full of held KV) cannot grow: they end as if the context
+        were full, and their session keeps what they computed."""
+        outputs = []
+        for seq in seqs:
+            log.warning("request %s: the KV pool is full of session state; ending it", seq.group.request_id)
+            seq.finish_reason = FinishReason.LENGTH
+            self.scheduler.finish(seq)
+            group = seq.group
+            if group.finished and group.request_id in self.groups:
+                outputs.append(self._output(group))
+                del self.groups[group.request_id]
         return outputs
 
     def fail_all(self, message: str) -> list[RequestOutput]:
@@ -179,7 +293,7 @@ class EngineCore:
                 if not seq.finished:
                     seq.finish_reason = FinishReason.ERROR
                     self.scheduler.finish(seq)
-            outputs.append(self.outputs.make_output(group, error=message))
+            outputs.append(self._output(group, error=message))
         return outputs
 
     def stats(self) -> EngineStats:
@@ -187,7 +301,7 @@ class EngineCore:
         drafted = drafter.stats if drafter is not None else DraftStats()
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.waiting_bg),
             kv_usage=self.kv.usage(),
             num_free_blocks=self.kv.num_free_blocks,
             num_blocks=self.kv.num_blocks,
@@ -199,4 +313,5 @@ class EngineCore:
             num_failed_batches=self.num_failed_batches,
             spec_draft_tokens=drafted.drafted,
             spec_accepted_tokens=drafted.accepted,
+            num_held_blocks=self.held_blocks(),
         )

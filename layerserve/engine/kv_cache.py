@@ -190,3 +190,16 @@ class KVCacheManager:
 
     def ref_count(self, block: int) -> int:
         return self._ref[block]
+
+    def make_private(self, block: int) -> bool:
+        """Let the one owner of an indexed block write into it: the prefix cache forgets it (and
+        its children cached after it stop verifying). False when others reference it too."""
+        if self._ref[block] != 1:
+            return False
+        h = self._hash[block]
+        if h is not None:
+            del self._cached[h]
+            self._hash[block] = None
+            self._content[block] = None
+            self._incarnation[block] += 1
+        return True

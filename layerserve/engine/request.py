@@ -47,7 +47,7 @@ class LogitsMask(Protocol):
 class SamplingParams:
     """How to sample one request. Defaults follow the OpenAI API."""
 
-    max_tokens: int | None = 16  # None: up to the context length
+    max_tokens: int | None = 16  # None: up to the context length; 0: prefill only (no token sampled)
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: off
@@ -100,6 +100,10 @@ class RequestOutput:
     deltas: list[CompletionDelta]
     prompt_tokens: int
     completion_tokens: int  # summed over all choices
-    cached_tokens: int  # prompt tokens served from the prefix cache
+    cached_tokens: int  # prompt tokens served from cache (a session's held KV and the prefix cache)
     finished: bool  # True on the last output of the request (all choices finished)
     error: str | None = None  # set when the engine failed this request
+    error_code: str | None = None  # with `error`: why the engine refused it (InvalidRequest.code); None: a fault
+    held_tokens: int = 0  # of cached_tokens, those a session's held KV served
+    session_token_ids: list[int] | None = None  # on a session request's last output: the tokens it now holds
+    session_kv_tokens: int | None = None  # ... and of those, how many have KV

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from layerserve.config import SchedulerConfig
 from layerserve.engine.draft import NgramIndex, PromptLookup
+from layerserve.engine.held import give_back
 from layerserve.engine.kv_cache import KVCacheManager
 from layerserve.engine.request import SequenceStatus
 from layerserve.engine.sequence import RequestGroup, Sequence
@@ -35,6 +36,7 @@ class SchedulerOutput:
     # n>1 children sample from their parent's row on the step the prompt completes.
     samples: list[tuple[Sequence, int]]
     copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) blocks, copied after the forward
+    out_of_room: list[Sequence] = field(default_factory=list)  # session sequences the full pool ends now
 
     @property
     def num_batched_tokens(self) -> int:
@@ -52,23 +54,51 @@ class Scheduler:
         self.kv = kv
         self.drafter = drafter
         self.waiting: deque[Sequence] = deque()
+        self.waiting_bg: deque[Sequence] = deque()  # background class (SchedulerConfig.background_share)
+        self._out_of_room: list[Sequence] = []  # this step's session sequences the full pool ends
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, group: RequestGroup) -> None:
-        self.waiting.append(group.seqs[0])  # children join when the prompt's KV is forked to them
+        # children join when the prompt's KV is forked to them
+        (self.waiting_bg if group.background else self.waiting).append(group.seqs[0])
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.waiting_bg or self.running)
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        """Interactive sequences first, then background ones (session ingest, flash queries, warm
+        turns). Background work has `background_share` of the budget whenever it has work, so it
+        is never starved, and takes whatever the interactive class leaves."""
+        total = self.config.max_num_batched_tokens
+        background = any(s.group.background for s in self.running) or bool(self.waiting_bg)
+        reserve = int(total * self.config.background_share) if background else 0
         scheduled: list[ScheduledSeq] = []
-        preempted = False  # no admissions in a step that had to preempt
+        self._out_of_room: list[Sequence] = []
+        budget, preempted = self._schedule_running(scheduled, total - reserve, background=False)
+        if not preempted:
+            budget = self._admit(self.waiting, scheduled, budget)
+        budget, preempted_bg = self._schedule_running(scheduled, budget + reserve, background=True)
+        if not (preempted or preempted_bg):
+            self._admit(self.waiting_bg, scheduled, budget)
+        samples, copies = self._samples_and_forks(scheduled)
+        return SchedulerOutput(scheduled, samples, copies, self._out_of_room)
+
+    def _schedule_running(self, scheduled: list[ScheduledSeq], budget: int, *, background: bool) -> tuple[int, bool]:
+        """Give the running sequences of one class their tokens (oldest first). A sequence that
+        needs a block when the pool is empty preempts the youngest running sequence that holds no
+        session context and is not scheduled yet; when there is none it preempts itself -- unless
+        it holds a session's context, which must never be lost: then the pool is full of held KV
+        and it ends (finish reason length) keeping what it computed."""
+        preempted = False
+        done = {id(item.seq) for item in scheduled}
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.group.background != background or id(seq) in done:
+                i += 1
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             draft = self._draft(seq, budget - 1) if num_new == 1 and self.drafter is not None else []
             if draft:  # a draft only takes blocks that are free: it never preempts
@@ -76,25 +106,50 @@ class Scheduler:
                 if need <= self.kv.num_free_blocks:
                     seq.block_table += self.kv.allocate(need)
                     scheduled.append(ScheduledSeq(seq, 1 + len(draft), draft))
+                    done.add(id(seq))
                     budget -= 1 + len(draft)
                     i += 1
                     continue
             need = self.kv.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_table)
-            while need > self.kv.num_free_blocks and self.running[-1] is not seq:
-                self._preempt(self.running.pop())
+            while need > self.kv.num_free_blocks:
+                victim = self._victim(seq, done, background)
+                if victim is None and seq.held is not None:
+                    # a session's sequence outranks stateless ones scheduled before it in this step
+                    victim = self._victim(seq, set(), background)
+                    if victim is not None:
+                        item = next(it for it in scheduled if it.seq is victim)
+                        scheduled.remove(item)
+                        budget += item.num_new_tokens
+                if victim is None:
+                    break
+                self.running.remove(victim)
+                self._preempt(victim)
                 preempted = True
-            if need > self.kv.num_free_blocks:  # seq is the youngest itself
-                self._preempt(self.running.pop())
+            i = self.running.index(seq)  # a victim may have been ahead of it
+            if need > self.kv.num_free_blocks:
+                self.running.pop(i)
                 preempted = True
-                break
+                if seq.held is None:
+                    self._preempt(seq)
+                else:
+                    self._out_of_room.append(seq)
+                continue
             seq.block_table += self.kv.allocate(need)
             scheduled.append(ScheduledSeq(seq, num_new))
+            done.add(id(seq))
             budget -= num_new
             i += 1
-        if not preempted:
-            budget = self._admit(scheduled, budget)
-        samples, copies = self._samples_and_forks(scheduled)
-        return SchedulerOutput(scheduled, samples, copies)
+        return budget, preempted
+
+    def _victim(self, needy: Sequence, done: set[int], background: bool) -> Sequence | None:
+        """The youngest running sequence that may be preempted for `needy`: not scheduled in this
+        step yet, holding no session's context, and background work if `needy` is background
+        (background work never preempts interactive work)."""
+        for seq in reversed(self.running):
+            if seq is not needy and seq.held is None and id(seq) not in done and \
+                    (seq.group.background or not background):
+                return seq
+        return None
 
     def _draft(self, seq: Sequence, room: int) -> list[int]:
         """Draft tokens for a decoding sequence: none while the batch is too wide for drafting to
@@ -118,10 +173,10 @@ class Scheduler:
             draft = draft[:mask.valid_prefix(draft)]
         return draft
 
-    def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_table:
+    def _admit(self, waiting: deque[Sequence], scheduled: list[ScheduledSeq], budget: int) -> int:
+        while waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = waiting[0]
+            if not seq.block_table and seq.num_computed_tokens == 0:
                 cached = self.kv.match_prefix(seq.token_ids, seq.block_hashes)
                 seq.block_table = cached
                 seq.num_computed_tokens = len(cached) * self.kv.block_size
@@ -129,7 +184,12 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self.kv.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_table)
             if need > self.kv.num_free_blocks:
-                self._release(seq)  # let its cached prefix be evictable while it waits
+                if seq.held is None:
+                    self._release(seq)  # let its cached prefix be evictable while it waits
+                elif not self.running:  # nothing running will free a block: the pool is full of held KV
+                    waiting.popleft()
+                    self._out_of_room.append(seq)
+                    continue
                 break
             seq.block_table += self.kv.allocate(need)
             group = seq.group
@@ -138,8 +198,9 @@ class Scheduler:
                 # match that had to wait may be evicted meanwhile; a preempted rerun is not a new query).
                 group.prefix_counted = True
                 group.num_cached_tokens = seq.num_computed_tokens
-                self.kv.record_query(len(group.prompt_ids), seq.num_computed_tokens)
-            self.waiting.popleft()
+                held = group.num_held_tokens  # a session's own KV is not a prefix-cache lookup
+                self.kv.record_query(len(group.prompt_ids) - held, seq.num_computed_tokens - held)
+            waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, num_new))
@@ -151,8 +212,8 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         for row, item in enumerate(scheduled):
             seq = item.seq
-            if seq.num_computed_tokens + item.num_new_tokens < seq.num_tokens:
-                continue  # a prefill chunk that does not reach the end: nothing to sample yet
+            if seq.num_computed_tokens + item.num_new_tokens < seq.num_tokens or seq.prefill_only:
+                continue  # a prefill chunk that does not reach the end (or a prefill-only request): no sample
             samples.append((seq, row))
             group = seq.group
             if seq.index == 0 and len(group.seqs) > 1 and not group.forked:
@@ -187,7 +248,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        (self.waiting_bg if seq.group.background else self.waiting).appendleft(seq)
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
@@ -202,6 +263,15 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes, seq.num_indexed_blocks)
-        self._release(seq)
+        elif seq in self.waiting_bg:
+            self.waiting_bg.remove(seq)
+        seq.num_indexed_blocks = self.kv.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens,
+                                                           seq.block_hashes, seq.num_indexed_blocks)
+        if seq.held is not None:  # the session takes its blocks back, with what was computed
+            give_back(self.kv, seq.held, seq.token_ids, seq.block_table, seq.block_hashes,
+                      seq.num_computed_tokens, seq.num_indexed_blocks)
+            seq.block_table = []
+            seq.num_computed_tokens = 0
+        else:
+            self._release(seq)
         seq.status = SequenceStatus.FINISHED

@@ -19,6 +19,8 @@ class RequestGroup:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (at its first admission)
     prefix_counted: bool = False  # its prompt lookup is in the prefix-cache stats (once per request)
     forked: bool = False  # seqs[1:] (n>1) received the prompt's KV from seqs[0]
+    background: bool = False  # lower priority class (session ingest, flash, warm): a share of each step
+    num_held_tokens: int = 0  # prompt tokens a session's held KV served (part of num_cached_tokens)
 
     @property
     def finished(self) -> bool:
@@ -58,6 +60,7 @@ class Sequence:
     stop_matcher: object | None = None  # StopStringMatcher when the request has stop strings
     penalty_state: object | None = None  # the runner's incremental token counts (penalties only)
     draft_index: object | None = None  # NgramIndex of its tokens once the scheduler drafts for it
+    held: object | None = None  # the session's HeldContext whose blocks this sequence has (engine/held.py)
     # Pending output since the last RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -81,3 +84,8 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.group.params
+
+    @property
+    def prefill_only(self) -> bool:
+        """max_tokens 0: compute the prompt's KV, sample nothing (warm turns, session ingest)."""
+        return self.group.params.max_tokens == 0
