@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tool-call-format", default=None, choices=TOOL_FORMATS.names(),
                        help="how the model writes tool calls; default: detected from its chat template, "
                             "with 'generic' (tools described in the system prompt) for templates without tools")
+    serve.add_argument("--max-sessions", type=_positive_int, default=_SERVER.max_sessions,
+                       help="live sessions at once (past it: 409); the KV pool is the real limit")
+    serve.add_argument("--session-ttl", type=_positive_float, default=_SERVER.session_ttl,
+                       help="seconds a session may sit unused before it is deleted")
+    serve.add_argument("--session-dir", default=None,
+                       help="where session journals live (default: the user's cache dir, by port and model)")
+    serve.add_argument("--debug", action="store_true",
+                       help="serve /debug/* routes (a session's held token ids); not for production")
     serve.add_argument("--log-level", default=_SERVER.log_level,
                        choices=["critical", "error", "warning", "info", "debug"], help="logging verbosity")
     return parser
@@ -161,6 +169,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         max_queued_requests=args.max_queued_requests, max_queued_tokens=args.max_queued_tokens,
         request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout, log_prompts=args.log_prompts,
+        max_sessions=args.max_sessions, session_ttl=args.session_ttl, session_dir=args.session_dir, debug=args.debug,
     )
     return engine, server
 
@@ -194,9 +203,15 @@ def serve(args: argparse.Namespace) -> int:
                     "(set --api-key or $LAYERSERVE_API_KEY, or listen on 127.0.0.1)", server_config.host)
     app = build_app(engine_config, server_config)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
-                            access_log=False, timeout_graceful_shutdown=server_config.shutdown_timeout)
+                            access_log=False, timeout_graceful_shutdown=server_config.shutdown_timeout,
+                            ws="websockets-sansio", ws_max_size=WS_MAX_FRAME, ws_ping_interval=WS_PING_S,
+                            ws_ping_timeout=2 * WS_PING_S)
     DrainingServer(config, app.state.server).run()
     return 0
+
+
+WS_MAX_FRAME = 16 << 20  # session sockets: a bigger inbound frame drops the connection unread
+WS_PING_S = 15.0  # session sockets: a protocol ping this often
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
-from layerserve.api import chat, completions, info, messages, tokenize
+from layerserve.api import chat, completions, info, messages, sessions, tokenize
 from layerserve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
 from layerserve.api.anthropic_surface import PREFIX as MESSAGES_PREFIX
 from layerserve.api.anthropic_surface import RequestIdHeader, anthropic_envelope
@@ -23,6 +23,8 @@ from layerserve.api.errors import ErrorSurfaces, install_error_handlers
 from layerserve.api.limits import BodySizeLimit
 from layerserve.api.observe import AccessLog
 from layerserve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from layerserve.api.session_protocol import FlashRequest, GenerateRequest, PushRequest, SessionCreateRequest
+from layerserve.api.session_ws import session_socket
 from layerserve.api.state import EngineLoader, ServerState
 from layerserve.config import EngineConfig, ServerConfig
 
@@ -76,7 +78,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
     install_error_handlers(app, surfaces)
     app.add_middleware(BodySizeLimit, max_bytes=server_config.max_body_bytes, surfaces=surfaces)
 
-    protected = [Depends(ApiKeyCheck(server_config.api_key))]
+    auth = ApiKeyCheck(server_config.api_key)
+    protected = [Depends(auth)]
     routes = [
         ("/v1/chat/completions", chat.create_chat_completion, "POST", ChatCompletionRequest),
         ("/v1/completions", completions.create_completion, "POST", CompletionRequest),
@@ -86,12 +89,28 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
         ("/v1/models/{model_id:path}", info.retrieve_model, "GET", None),
         ("/tokenize", tokenize.tokenize, "POST", TokenizeRequest),
         ("/detokenize", tokenize.detokenize, "POST", DetokenizeRequest),
+        # LayerScale's sessions (layerserve/sessions)
+        ("/v1/sessions", sessions.create_session, "POST", SessionCreateRequest),
+        ("/v1/sessions", sessions.list_sessions, "GET", None),
+        ("/v1/sessions/{session_id}", sessions.get_session, "GET", None),
+        ("/v1/sessions/{session_id}", sessions.delete_session, "DELETE", None),
+        ("/v1/sessions/{session_id}/push", sessions.push, "POST", PushRequest),
+        ("/v1/sessions/{session_id}/warm", sessions.warm, "POST", ChatCompletionRequest),
+        ("/v1/sessions/{session_id}/generate", sessions.generate, "POST", GenerateRequest),
+        ("/v1/sessions/{session_id}/flash", sessions.add_flash, "POST", FlashRequest),
+        ("/v1/sessions/{session_id}/flash", sessions.list_flash, "GET", None),
+        ("/v1/sessions/{session_id}/flash/{flash_id}", sessions.delete_flash, "DELETE", None),
+        ("/v1/sessions/{session_id}/events", sessions.events, "GET", None),
     ]
+    if server_config.debug:
+        routes.append(("/debug/sessions/{session_id}/tokens", sessions.debug_tokens, "GET", None))
     for path, endpoint, method, body in routes:
         app.add_api_route(path, endpoint, methods=[method], dependencies=protected,
                           openapi_extra=_json_body(body) if body else None)
+    app.add_api_websocket_route("/v1/sessions/{session_id}/ws", session_socket(auth))
     for path in ("/health", "/v1/health"):
         app.add_api_route(path, info.health, methods=["GET"])
+    app.add_api_route("/healthz", info.health, methods=["GET"])
     app.add_api_route("/metrics", state.observability.metrics_endpoint, methods=["GET"])
     app.add_middleware(RequestIdHeader)
     app.add_middleware(AccessLog, metrics=state.metrics)  # outermost: sees every status, 413s included

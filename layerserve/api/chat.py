@@ -36,6 +36,7 @@ from layerserve.api.runs import Usage
 from layerserve.api.sampling import sampling_params
 from layerserve.api.state import Runtime, server_state
 from layerserve.api.turn_http import open_turn
+from layerserve.sessions.turn import open_session_turn
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -101,7 +102,18 @@ async def create_chat_completion(request: Request) -> Response:
     req = parse_request(ChatCompletionRequest, await request.body())
     params = sampling_params(req, max_tokens=completion_budget(req), logprobs=logprobs_setting(req),
                              max_n=state.max_n, vocab_size=rt.tokenizer.vocab_size)
-    plan, prompt_ids, first_params = await rt.offload(prepare_chat, req, params, rt, state.config)  # off the loop
+    session = await open_session_turn(request, state.sessions)  # the x-layerscale-session-id header
+    try:
+        return await _chat(request, state, rt, req, params, session)
+    except BaseException:
+        if session is not None:
+            session.close()
+        raise
+
+
+async def _chat(request: Request, state, rt: Runtime, req: ChatCompletionRequest, params, session) -> Response:
+    plan, prompt_ids, first_params = await rt.offload(prepare_chat, req, params, rt, state.config,  # off the loop
+                                                      session)
     options = req.stream_options
     ctx = ChatContext(
         id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=state.config.served_model_name,
@@ -111,7 +123,7 @@ async def create_chat_completion(request: Request) -> Response:
     )
     opened = open_turn(request, state, rt, ctx.id, prompt_ids, params.n,  # 429 when the queue is full
                        lambda: ChatTurn(rt, ctx.id, plan, params, prompt_ids, req.chat_template_kwargs, state.metrics,
-                                        first_params=first_params))
+                                        first_params=first_params, session=session))
     turn = opened.turn
     if req.stream:
         return EventStreamResponse(chat_events(ctx, turn), on_close=opened.close, timeout=opened.timeout)

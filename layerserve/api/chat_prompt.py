@@ -48,14 +48,12 @@ _UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "function_call": (None,),
     "moderation": (None,),
     "verbosity": (None,),
-    "reasoning_effort": (None, "none"),
     "store": (None, False),
 }
 _WHY = {
     "functions": "it is deprecated; use 'tools'",
     "function_call": "it is deprecated; use 'tool_choice'",
     "store": "this server does not store completions",
-    "reasoning_effort": "this model does not reason before answering",
 }
 _TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "documents"})
 
@@ -209,18 +207,25 @@ def prompt_ids(plan: ChatPlan, rt: Runtime, extra: dict[str, Any] | None) -> lis
     return template_prompt_ids(rt, plan.messages, plan.tools, extra)
 
 
-def prepare_turn(turn: TurnRequest, params: SamplingParams,
-                 rt: Runtime) -> tuple[ChatPlan, list[int], SamplingParams]:
+def prepare_turn(turn: TurnRequest, params: SamplingParams, rt: Runtime,
+                 session=None) -> tuple[ChatPlan, list[int], SamplingParams]:
     """One turn's preparation, for a prep thread (`Runtime.offload`): its plan, the first engine
-    request's prompt ids and its constrained sampling params (the grammar compiled)."""
+    request's prompt ids and its constrained sampling params (the grammar compiled). In a
+    session (a SessionTurn), the prompt is rendered after the session's data."""
     plan = plan_turn(turn, rt)
-    return plan, prompt_ids(plan, rt, turn.template_kwargs), constrained(plan, params, rt)
+    if session is not None:
+        if params.n != 1:
+            raise InvalidRequestError("A session turn has one choice: 'n' must be 1.", "n")
+        ids = session.prompt(plan, rt, turn.template_kwargs)
+    else:
+        ids = prompt_ids(plan, rt, turn.template_kwargs)
+    return plan, ids, constrained(plan, params, rt)
 
 
 def prepare_chat(req: ChatCompletionRequest, params: SamplingParams, rt: Runtime,
-                 config: ServerConfig) -> tuple[ChatPlan, list[int], SamplingParams]:
+                 config: ServerConfig, session=None) -> tuple[ChatPlan, list[int], SamplingParams]:
     """A chat completion request's preparation (`prepare_turn` of its `TurnRequest`)."""
-    return prepare_turn(chat_turn_request(req, config), params, rt)
+    return prepare_turn(chat_turn_request(req, config), params, rt, session)
 
 
 def constrained(plan: ChatPlan, params: SamplingParams, rt: Runtime) -> SamplingParams:

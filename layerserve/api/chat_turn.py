@@ -49,20 +49,31 @@ class ChatTurn:
     def __init__(self, rt: Runtime, request_id: str, plan: ChatPlan, params: SamplingParams,
                  prompt_ids: list[int], template_kwargs: dict[str, Any] | None,
                  metrics: RequestMetrics | None = None, *, first_params: SamplingParams,
-                 call_ids: Callable[[], str] = new_call_id) -> None:
+                 call_ids: Callable[[], str] = new_call_id, session=None) -> None:
+        """`session`: the SessionTurn (layerserve.sessions.turn) the turn runs in, or None."""
         self._rt = rt
         self._metrics = metrics
         self._request_id = request_id
         self._plan = plan
         self._params = params
         self._template_kwargs = template_kwargs
-        self.usage = Usage()
-        self._runs = [Run(rt.engine, request_id, prompt_ids, first_params, metrics)]
+        self.usage = Usage(in_session=session is not None)
+        self._session = session
+        self._runs = [self._run(request_id, prompt_ids, first_params)]
         self._parsers: list[ToolCallParser | None] = [plan.new_parser(call_ids) for _ in range(params.n)]
+
+    def _run(self, request_id: str, ids: list[int], params: SamplingParams) -> Run:
+        session = self._session
+        if session is None:
+            return Run(self._rt.engine, request_id, ids, params, self._metrics)
+        return Run(self._rt.engine, request_id, ids, params, self._metrics, session_id=session.session_id,
+                   on_last=session.ended)
 
     def close(self) -> None:
         for run in self._runs:
             run.close()
+        if self._session is not None:
+            self._session.close()
 
     def log_fields(self) -> dict[str, Any]:
         """For the request's log line: tokens and time to first token (of the first request)."""
@@ -73,6 +84,17 @@ class ChatTurn:
 
     async def events(self) -> AsyncIterator[list[ChoiceEvent]]:
         """Batches of events, one batch per engine step that produced something."""
+        if self._session is None:
+            async for batch in self._events():
+                yield batch
+            return
+        reply = []
+        async for batch in self._events():
+            reply += [e.content for e in batch if e.index == 0]
+            yield batch
+        self._session.replied("".join(reply))
+
+    async def _events(self) -> AsyncIterator[list[ChoiceEvent]]:
         answering: list[int] = []  # choices whose text comes from the answer request
         async for out in self._runs[0]:
             batch = [e for d in out.deltas for e in self._first_events(d, answering)]
@@ -108,9 +130,10 @@ class ChatTurn:
         plan = self._plan.answer
         assert plan is not None
         # the answer's prompt and grammar in one hop to a prep thread
-        ids, params = await self._rt.offload(_prepare_answer, plan, self._rt, self._template_kwargs, self._params)
+        ids, params = await self._rt.offload(_prepare_answer, plan, self._rt, self._template_kwargs, self._params,
+                                             self._session)
         params = replace(params, n=len(choices))
-        run = Run(self._rt.engine, f"{self._request_id}-answer", ids, params, self._metrics)
+        run = self._run(f"{self._request_id}-answer", ids, params)
         self._runs.append(run)
         async for out in run:
             batch = [
@@ -126,8 +149,9 @@ class ChatTurn:
 
 
 def _prepare_answer(plan: ChatPlan, rt: Runtime, template_kwargs: dict[str, Any] | None,
-                    params: SamplingParams) -> tuple[list[int], SamplingParams]:
-    return prompt_ids(plan, rt, template_kwargs), constrained(plan, params, rt)
+                    params: SamplingParams, session) -> tuple[list[int], SamplingParams]:
+    ids = session.prompt(plan, rt, template_kwargs) if session is not None else prompt_ids(plan, rt, template_kwargs)
+    return ids, constrained(plan, params, rt)
 
 
 def _stop_string(d: CompletionDelta) -> str | None:

@@ -59,6 +59,10 @@ class NotFoundError(APIError):
     """Unknown route or unknown model id (404)."""
 
 
+class ConflictError(APIError):
+    """The session is busy, the id is taken, or a limit on sessions is reached (409)."""
+
+
 class BodyTooLargeError(APIError):
     """The request body is over the configured limit (413)."""
 
@@ -105,6 +109,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     pydantic.ValidationError: ErrorKind(400, INVALID),
     AuthenticationError: ErrorKind(401, INVALID, "invalid_api_key"),
     NotFoundError: ErrorKind(404, INVALID),
+    ConflictError: ErrorKind(409, "conflict_error"),
     BodyTooLargeError: ErrorKind(413, INVALID, "request_too_large"),
     TooManyRequestsError: ErrorKind(429, "rate_limit_error", "queue_full"),
     RequestTimeoutError: ErrorKind(408, "timeout_error", "request_timeout"),

@@ -32,6 +32,7 @@ from layerserve.api.protocol import parse_request
 from layerserve.api.runs import Usage
 from layerserve.api.state import Runtime, server_state
 from layerserve.api.turn_http import open_turn
+from layerserve.sessions.turn import open_session_turn
 
 
 def stop_reason(finish_reason: str | None, stop_sequence: str | None) -> str:
@@ -45,8 +46,11 @@ def stop_reason(finish_reason: str | None, stop_sequence: str | None) -> str:
 
 def usage_body(usage: Usage) -> dict[str, int]:
     """Anthropic's usage: prompt tokens read from the prefix cache apart from the rest."""
-    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens, "output_tokens": usage.completion_tokens,
+    body = {"input_tokens": usage.prompt_tokens - usage.cached_tokens, "output_tokens": usage.completion_tokens,
             "cache_read_input_tokens": usage.cached_tokens, "cache_creation_input_tokens": 0}
+    if usage.in_session and usage.prefix_cached_tokens:  # a session turn: the prefix cache's part of the reads
+        body["prefix_cached_tokens"] = usage.prefix_cached_tokens
+    return body
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
@@ -119,12 +123,23 @@ async def create_message(request: Request) -> Response:
     req = parse_request(MessagesRequest, await request.body())
     params = messages_sampling(req)
     turn_request = messages_turn_request(req, state.config)
-    plan, ids, first_params = await rt.offload(prepare_turn, turn_request, params, rt)  # off the loop
+    session = await open_session_turn(request, state.sessions)  # the x-layerscale-session-id header
+    try:
+        return await _message(request, state, rt, req, params, turn_request, session)
+    except BaseException:
+        if session is not None:
+            session.close()
+        raise
+
+
+async def _message(request: Request, state, rt: Runtime, req: MessagesRequest, params, turn_request,
+                   session) -> Response:
+    plan, ids, first_params = await rt.offload(prepare_turn, turn_request, params, rt, session)  # off the loop
     msg_id = anthropic_id("msg_")
-    model = req.model
+    model = req.model or state.config.served_model_name  # an absent model: the server's name
     opened = open_turn(request, state, rt, msg_id, ids, 1,  # 529 when the queue is full
                        lambda: ChatTurn(rt, msg_id, plan, params, ids, None, state.metrics, first_params=first_params,
-                                        call_ids=lambda: anthropic_id("toolu_")))
+                                        call_ids=lambda: anthropic_id("toolu_"), session=session))
     turn = opened.turn
     if req.stream:
         return EventStreamResponse(message_events(msg_id, model, len(ids), turn), on_close=opened.close,

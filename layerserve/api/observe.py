@@ -103,6 +103,10 @@ class EngineCollector:
             yield CounterMetricFamily(f"layerserve:{name}", doc, value=value)
         yield GaugeMetricFamily("layerserve:spec_decode_acceptance_rate", "Kept share of draft tokens (0 before any)",
                                 value=s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0)
+        yield GaugeMetricFamily("layerserve:kv_cache_blocks_held", "KV blocks sessions hold (never evicted)",
+                                value=s.num_held_blocks)
+        if state.sessions is not None:
+            yield from state.sessions.metrics()
 
 
 class Observability:

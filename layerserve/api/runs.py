@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerserve.api.errors import EngineRequestError
+from layerserve.api.errors import ConflictError, EngineRequestError, InvalidRequestError
 from layerserve.api.observe import RequestMetrics
 from layerserve.engine.async_engine import AsyncEngine
+from layerserve.engine.core import InvalidRequest
 from layerserve.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
@@ -25,17 +26,27 @@ class Run:
     """One engine request as the HTTP layer sees it; reports its timings and tokens to `metrics`."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 metrics: RequestMetrics | None = None) -> None:
+                 metrics: RequestMetrics | None = None, *, session_id: str | None = None,
+                 background: bool = False, on_last: Callable[[RequestOutput], None] | None = None) -> None:
+        """`session_id`, `background`: see AsyncEngine.add_request. `on_last(out)` sees the last
+        output before it is yielded (a session journals the turn there)."""
         self.engine = engine
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.finished = False
         self.metrics = metrics
         self.started = time.monotonic()
+        self._on_last = on_last
         self.first_token_at: float | None = None
         self._last_token_at = 0.0
         self._tokens = 0
-        self._outputs = engine.add_request(request_id, prompt_ids, params)  # may raise InvalidRequest
+        try:
+            self._outputs = engine.add_request(request_id, prompt_ids, params,  # may raise InvalidRequest
+                                               session_id=session_id, background=background)
+        except InvalidRequest as exc:
+            if exc.code == "kv_pool_full":  # sessions hold the pool: a conflict, not a bad request
+                raise ConflictError(str(exc), exc.param, exc.code) from None
+            raise
 
     @property
     def ttft(self) -> float | None:
@@ -47,10 +58,16 @@ class Run:
                 self._observe(out)
                 if out.error is not None:
                     self.finished = True
+                    if out.error_code == "kv_pool_full":
+                        raise ConflictError(out.error, "messages", out.error_code)
+                    if out.error_code is not None:  # refused on the engine thread: the message says why
+                        raise InvalidRequestError(out.error, None, out.error_code)
                     # The cause is in the server log (by request id), never in the response.
                     raise EngineRequestError(
                         f"The server had an error while generating this response (request id {self.request_id}).")
                 self.finished = out.finished
+                if out.finished and self._on_last is not None:
+                    self._on_last(out)
                 yield out
         finally:
             await self._outputs.aclose()
@@ -76,6 +93,12 @@ class Run:
             reasons = [d.finish_reason for d in out.deltas if d.finish_reason is not None]
             reason = "error" if out.error is not None else (reasons[-1].value if reasons else "stop")
             m.request_success.labels(reason).inc()
+
+    def cancel(self) -> None:
+        """Stop at the next step; the iterator still ends with the last output (finish reason
+        abort). Session work uses it: what was computed stays with the session."""
+        if not self.finished:
+            self.engine.cancel(self.request_id)
 
     def close(self) -> None:
         if not self.finished:
@@ -151,19 +174,32 @@ class Choice:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # a session's held KV and the prefix cache together
+    held_tokens: int = 0  # of cached_tokens, what a session held
+    in_session: bool = False  # a session turn: usage also says how much the prefix cache supplied
 
     def add(self, out: RequestOutput) -> None:
         self.prompt_tokens += out.prompt_tokens
         self.completion_tokens += out.completion_tokens
         self.cached_tokens += out.cached_tokens
+        self.held_tokens += out.held_tokens
+
+    @property
+    def prefix_cached_tokens(self) -> int:
+        return self.cached_tokens - self.held_tokens
+
+    def prompt_details(self) -> dict[str, int]:
+        details = {"cached_tokens": self.cached_tokens}
+        if self.in_session and self.prefix_cached_tokens:
+            details["prefix_cached_tokens"] = self.prefix_cached_tokens
+        return details
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "prompt_tokens_details": self.prompt_details(),
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
 

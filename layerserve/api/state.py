@@ -7,6 +7,9 @@ import contextvars
 import functools
 import hashlib
 import logging
+import os
+import pathlib
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +113,7 @@ class ServerState:
     draining: bool = False  # set on SIGTERM/SIGINT: /health is 503 and new requests are refused
     admission: Admission = field(init=False)
     observability: Observability = field(init=False)
+    sessions: Any = None  # the SessionStore (layerserve.sessions.store), once the model is loaded
 
     def __post_init__(self) -> None:
         self.admission = Admission(self.engine_config.scheduler.max_num_seqs, self.config.max_queued_requests,
@@ -154,12 +158,34 @@ class ServerState:
         tool_format = TOOL_FORMATS.for_tokenizer(tokenizer, self.config.tool_call_format)
         self.runtime = Runtime(engine, info, template, TokenText(tokenizer), f"fp_{digest[:10]}", max_token_bytes,
                                tool_format, GrammarCompiler(tokenizer), prep_executor())
+        try:
+            await self._open_sessions(self.runtime)
+        except Exception as exc:
+            self.load_error = f"sessions: {type(exc).__name__}: {exc}"
+            log.exception("restoring sessions failed")
+            self.runtime = None
+            return
         log.info("model loaded in %.1fs: %s (%s, max_model_len %d, %d KV blocks of %d tokens = %.0f MiB, "
                  "max_num_seqs %d, prefix cache %s, tool format %s)",
                  info.load_seconds, info.model_path, info.dtype, info.max_model_len, info.num_blocks,
                  info.block_size, info.kv_cache_bytes / (1 << 20),
                  self.engine_config.scheduler.max_num_seqs,
                  "on" if self.engine_config.cache.enable_prefix_caching else "off", tool_format.name)
+
+    async def _open_sessions(self, rt: Runtime) -> None:
+        from layerserve.sessions.journal import Journal
+        from layerserve.sessions.store import SessionStore
+
+        directory = session_dir(self.config)
+        store = SessionStore(rt, Journal(directory), max_sessions=self.config.max_sessions,
+                             ttl=self.config.session_ttl, metrics=self.metrics)
+        restored = await rt.offload(store.restore)
+        store.start()
+        self.sessions = store
+        log.info("sessions: %d restored from %s", restored, directory)
+
+    def session_counters(self) -> dict[str, int]:
+        return self.sessions.counters() if self.sessions is not None else {"sessions": 0}
 
     def _build(self, loader: EngineLoader) -> tuple:
         core, info = loader(self.engine_config)
@@ -169,9 +195,20 @@ class ServerState:
         return core, (info, max(max_token_bytes, 1))
 
     async def close(self) -> None:
+        if self.sessions is not None:
+            await self.sessions.close()
         if self.runtime is not None:
             await self.runtime.engine.stop()
             self.runtime.close()
+
+
+def session_dir(config: ServerConfig) -> pathlib.Path:
+    """Where session journals live: --session-dir, or the user's cache dir by port and model."""
+    if config.session_dir is not None:
+        return pathlib.Path(config.session_dir)
+    base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    model = re.sub(r"[^A-Za-z0-9_.-]", "_", config.served_model_name)
+    return base / "layerserve" / "sessions" / f"{config.port}-{model}"
 
 
 def server_state(request: Request) -> ServerState:
