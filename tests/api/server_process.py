@@ -59,3 +59,13 @@ def start_server(log_path: pathlib.Path, *extra: str) -> tuple[subprocess.Popen,
         time.sleep(0.25)
     proc.kill()
     raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it does not exit within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -4,23 +4,13 @@
 from __future__ import annotations
 
 import pathlib
-import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "api"))
-from server_process import Server, start_server  # noqa: E402
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+from server_process import Server, start_server, stop_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +26,7 @@ def session_server(tmp_path_factory: pytest.TempPathFactory, session_dir: pathli
     try:
         yield srv
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="session")

@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import subprocess
-import threading
-import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 from layerscale import (AsyncLayerScale, AuthenticationError, BadRequestError, LayerScale, NotFoundError,
                         WsConnected, WsDataUpdated, WsError, WsFlashReady, WsPong, WsPushAck)
-from server_process import Server, start_server
+from server_process import Server, start_server, stop_server
+from session_helpers import WAIT_S, Pump
 from websockets.sync.client import connect as raw_connect
 
-WAIT_S = 90.0  # a bound for a hung server, not a speed check (a loaded 2-core machine is slow)
 KEY = "secret"
 
 
@@ -32,60 +28,6 @@ def uid(prefix: str = "ws") -> str:
 
 def ws_url(server: Server, sid: str) -> str:
     return server.base_url.replace("http://", "ws://", 1) + f"/v1/sessions/{sid}/ws"
-
-
-class Pump:
-    """Iterates a blocking iterable (a socket's events) on a thread, so that reading it has a
-    timeout: a missing event fails the test instead of hanging it."""
-
-    _END = object()
-
-    def __init__(self, iterable: Iterable[Any]) -> None:
-        self._q: queue.Queue = queue.Queue()
-        self.seen: list[Any] = []
-        self._thread = threading.Thread(target=self._run, args=(iterable,), daemon=True)
-        self._thread.start()
-
-    def _run(self, iterable: Iterable[Any]) -> None:
-        try:
-            for item in iterable:
-                self._q.put(item)
-        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
-            self._q.put(exc)
-        finally:
-            self._q.put(self._END)
-
-    def next(self, timeout: float = WAIT_S) -> Any:
-        try:
-            item = self._q.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"no event within {timeout}s (seen so far: {self.seen})")
-        if item is self._END:
-            pytest.fail(f"the socket closed (seen: {self.seen})")
-        if isinstance(item, BaseException):
-            raise item
-        self.seen.append(item)
-        return item
-
-    def until(self, pred: Callable[[Any], bool], timeout: float = WAIT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            item = self.next(max(deadline - time.monotonic(), 0.01))
-            if pred(item):
-                return item
-
-    def ended(self, timeout: float = 30.0) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def delete_quietly(ls: LayerScale, sid: str) -> None:
@@ -137,7 +79,7 @@ def test_sync_socket_push_ack_before_data_updated_ping_errors_close(ls: LayerSca
         assert ack2.data.pushed == 1 and ack2.data.total_pushed == 3
     finally:
         ws.close()
-    assert pump.ended(), "the socket's iteration did not end after close()"
+    assert pump.wait_end(), "the socket's iteration did not end after close()"
     ws.close()  # idempotent
 
     # reconnecting replays the cached flash answer after `connected`
@@ -147,7 +89,7 @@ def test_sync_socket_push_ack_before_data_updated_ping_errors_close(ls: LayerSca
         replayed = replay.next()
         assert isinstance(replayed, WsFlashReady) and replayed.data.id == fq.id and replayed.data.value
         ls.sessions.delete(sid)  # the session is gone: its sockets end
-        assert replay.ended(), "a deleted session's socket stays open"
+        assert replay.wait_end(), "a deleted session's socket stays open"
 
 
 def test_invalid_frames_get_error_events_and_the_socket_stays_open(session_server: Server, ls: LayerScale,
@@ -235,7 +177,7 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     try:
         yield srv
     finally:
-        stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -22,8 +22,8 @@ from layerscale.types import GenerationDone
 from layerscale.types.sessions import (ConnectedEvent, DataUpdatedEvent, FlashReadyEvent, GenerationTextChunk,
                                        Session)
 from server_process import MAX_BODY_BYTES, Server
+from session_helpers import WAIT_S, Pump
 
-WAIT_S = 90.0  # a bound for a hung server, not a speed check (a loaded 2-core machine is slow)
 MAX_SESSIONS = 24  # conftest's --max-sessions
 DATA = ["AAPL 187.44 +0.5%", "MSFT 420.21 -0.1%"]
 
@@ -67,53 +67,6 @@ def wait_for(what: str, probe: Callable[[], Any], deadline_s: float = WAIT_S, in
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {deadline_s}s waiting for {what}")
         time.sleep(interval)
-
-
-class Pump:
-    """Iterates a blocking iterable (an event stream) on a thread, so that reading it has a
-    timeout: a missing event fails the test instead of hanging it."""
-
-    _END = object()
-
-    def __init__(self, iterable: Iterable[Any]) -> None:
-        self._q: queue.Queue = queue.Queue()
-        self.seen: list[Any] = []
-        self._thread = threading.Thread(target=self._run, args=(iterable,), daemon=True)
-        self._thread.start()
-        self.ended = False
-
-    def _run(self, iterable: Iterable[Any]) -> None:
-        try:
-            for item in iterable:
-                self._q.put(item)
-        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
-            self._q.put(exc)
-        finally:
-            self._q.put(self._END)
-
-    def next(self, timeout: float = WAIT_S) -> Any:
-        try:
-            item = self._q.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"no event within {timeout}s (seen so far: {self.seen})")
-        if item is self._END:
-            self.ended = True
-            pytest.fail(f"the stream ended (seen: {self.seen})")
-        if isinstance(item, BaseException):
-            raise item
-        self.seen.append(item)
-        return item
-
-    def until(self, pred: Callable[[Any], bool], timeout: float = WAIT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            item = self.next(max(deadline - time.monotonic(), 0.01))
-            if pred(item):
-                return item
-
-    def wait_end(self, timeout: float = 30.0) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
 
 def chat_turn(ls: LayerScale, sid: str, messages: list[dict[str, Any]], max_tokens: int = 8):
