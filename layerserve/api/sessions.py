@@ -75,8 +75,8 @@ async def delete_session(request: Request, session_id: str) -> Response:
 # ---- push --------------------------------------------------------------------------------
 async def push(request: Request, session_id: str) -> Response:
     _, _, store = _store(request)
-    session = store.get(session_id)
     req = await _body(request, PushRequest)
+    session = store.get(session_id)  # after the body: a DELETE may have come in while it was read
     ack = session.push(req.entries())
     store.work.wake(session)
     return JSONResponse(ack)
@@ -85,8 +85,8 @@ async def push(request: Request, session_id: str) -> Response:
 # ---- warm turns --------------------------------------------------------------------------
 async def warm(request: Request, session_id: str) -> Response:
     state, rt, store = _store(request)
-    session = store.get(session_id)
     req = parse_request(ChatCompletionRequest, await request.body())
+    session = store.get(session_id)
     if session.busy:
         session.claim("warm")  # raises the 409 for the turn in flight
     turn = chat_turn_request(req, state.config)
@@ -102,9 +102,10 @@ async def warm(request: Request, session_id: str) -> Response:
     version = session.data_version
     if session.data_end > 0 and _common(ids, session.durable_tokens()) < session.data_end and reason != "cancelled":
         version = _truncate_conversation(session, ids)
+    cached, held = (out.cached_tokens, out.held_tokens) if out is not None else (0, 0)
     return JSONResponse({"id": f"warm-{uuid.uuid4().hex}", "object": "session.warm", "session_id": session.id,
-                         "finish_reason": reason, "prompt_tokens": len(ids), "cached_tokens": out.cached_tokens,
-                         "prefix_cached_tokens": out.cached_tokens - out.held_tokens, "data_version": version})
+                         "finish_reason": reason, "prompt_tokens": len(ids), "cached_tokens": cached,
+                         "prefix_cached_tokens": cached - held, "data_version": version})
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -161,8 +162,8 @@ def _usage(ans: Answer) -> dict[str, Any]:
 
 async def generate(request: Request, session_id: str) -> Response:
     state, rt, store = _store(request)
-    session = store.get(session_id)
     req = await _body(request, GenerateRequest)
+    session = store.get(session_id)
     question = _question(req, rt)
     head = {"id": f"gen-{uuid.uuid4().hex}", "object": "session.generation", "session_id": session.id}
     fq = store.work.flash_hit(session, question)
@@ -271,8 +272,8 @@ async def _generate_events(store: SessionStore, session: Session, question: Ques
 # ---- flash queries -----------------------------------------------------------------------
 async def add_flash(request: Request, session_id: str) -> Response:
     _, _, store = _store(request)
-    session = store.get(session_id)
     req = await _body(request, FlashRequest)
+    session = store.get(session_id)
     if not req.query.strip():
         raise InvalidRequestError("'query' must be a non-empty string.", "query")
     fq = session.add_flash(req.query, req.max_tokens)

@@ -254,13 +254,15 @@ class SessionWork:
         return True
 
     # ---- warm turns --------------------------------------------------------------------
-    async def warm(self, session: Session, prompt_ids: list[int]) -> tuple[RequestOutput, str]:
+    async def warm(self, session: Session, prompt_ids: list[int]) -> tuple[RequestOutput | None, str]:
         """Prefill a conversation into the session (background class); a turn or a newer warm
         turn takes over at a step boundary."""
         if session.warm is not None:
             session.warm.cancel()
         await session.take_lock()
         try:
+            if session.foreground is not None:  # a turn came in while this waited: it takes over
+                return None, "cancelled"
             run = self.run(session, "warm", prompt_ids, SamplingParams(max_tokens=0), background=True)
             session.warm = run
             try:
