@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import tempfile
 
 import pytest
+
+# Servers the tests build in-process keep their session journals in a temp dir, never in the
+# user's cache dir (servers started as subprocesses get a --session-dir of their own).
+os.environ.setdefault("LAYERSERVE_SESSION_DIR", tempfile.mkdtemp(prefix="layerserve-test-sessions-"))
 
 from layerserve.model_files import default_model_path as find_default_model
 from layerserve.text.tokenizer import Tokenizer

@@ -203,9 +203,12 @@ class ServerState:
 
 
 def session_dir(config: ServerConfig) -> pathlib.Path:
-    """Where session journals live: --session-dir, or the user's cache dir by port and model."""
+    """Where session journals live: --session-dir, $LAYERSERVE_SESSION_DIR, or the user's cache dir
+    by port and model."""
     if config.session_dir is not None:
         return pathlib.Path(config.session_dir)
+    if os.environ.get("LAYERSERVE_SESSION_DIR"):
+        return pathlib.Path(os.environ["LAYERSERVE_SESSION_DIR"])
     base = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
     model = re.sub(r"[^A-Za-z0-9_.-]", "_", config.served_model_name)
     return base / "layerserve" / "sessions" / f"{config.port}-{model}"

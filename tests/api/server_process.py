@@ -40,6 +40,8 @@ class Server:
 
 def start_server(log_path: pathlib.Path, *extra: str) -> tuple[subprocess.Popen, Server]:
     port = free_port()
+    if "--session-dir" not in extra:  # session journals next to the log, never in the user's cache dir
+        extra = ("--session-dir", str(log_path.parent / f"sessions-{port}"), *extra)
     cmd = [sys.executable, "-m", "layerserve.cli", "serve", "--port", str(port), "--kv-cache-memory", "128MiB",
            "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY_BYTES), "--log-level", "warning",
            *extra]

@@ -47,8 +47,9 @@ async def test_right_key_passes(keyed):
 
 
 async def test_open_routes_need_no_key(keyed):
-    for path in ("/health", "/v1/health"):
-        assert_error(await keyed.get(path), 503, code="model_not_ready")  # loading, not 401
+    for path in ("/health", "/v1/health", "/healthz"):
+        response = await keyed.get(path)  # loading, not 401
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_not_ready"
     response = await keyed.get("/metrics")
     assert response.status_code == 200
     assert "layerserve:model_loaded 0.0" in response.text
