@@ -107,7 +107,11 @@ async def _handle(websocket: WebSocket, store, session: Session, message: dict[s
             return True
         if session.deleted:
             return False
-        ack = session.push(entries)
+        try:
+            ack = session.push(store.check_entries(session, entries))
+        except APIError as exc:
+            await websocket.send_text(_msg("error", {"message": exc.message, "code": 400}))
+            return True
         ack.pop("pending_bytes", None)
         await websocket.send_text(_msg("push_ack", ack))  # before any event the push causes
         store.work.wake(session)

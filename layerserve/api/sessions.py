@@ -77,7 +77,7 @@ async def push(request: Request, session_id: str) -> Response:
     _, _, store = _store(request)
     req = await _body(request, PushRequest)
     session = store.get(session_id)  # after the body: a DELETE may have come in while it was read
-    ack = session.push(req.entries())
+    ack = session.push(store.check_entries(session, req.entries()))
     store.work.wake(session)
     return JSONResponse(ack)
 

@@ -202,7 +202,8 @@ class Session:
             return 0
         target = window * 3 // 4
         evicted = 0
-        while len(self.entries) > 1 and total > target:
+        # the newest entry stays unless it alone is larger than the window (it cannot be held)
+        while self.entries and total > target and (len(self.entries) > 1 or total > window):
             total -= len(self.entries.popleft().tokens)
             evicted += 1
         self.evicted += evicted

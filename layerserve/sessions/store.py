@@ -109,6 +109,17 @@ class SessionStore:
             session.touch()
         return session
 
+    def check_entries(self, session: Session, entries: list[str]) -> list[str]:
+        """Entries to push, or a 400 for one that can never fit the session's window (a token
+        covers at most `max_token_bytes` bytes, so a text needs at least len // that many)."""
+        window = self.work.window(session)
+        for i, text in enumerate(entries):
+            if len(text) // self.rt.max_token_bytes > window:
+                raise InvalidRequestError(f"Entry {i} takes at least {len(text) // self.rt.max_token_bytes} tokens, "
+                                          f"more than the session's window of {window}; split it into smaller "
+                                          f"entries.", "data", "entry_too_long")
+        return entries
+
     def list(self) -> list[Session]:
         return sorted(self.sessions.values(), key=lambda s: (s.created_ms, s.id))
 

@@ -114,7 +114,8 @@ class SessionWork:
         except Exception:
             log.exception("background work on session %s failed; it resumes with the next push", session.id)
 
-    def _window(self, session: Session) -> int:
+    def window(self, session: Session) -> int:
+        """The most data tokens the session holds: its window, capped by what the context holds."""
         cap = max(self.rt.engine.max_model_len - QUESTION_ROOM, self.rt.engine.max_model_len // 2)
         return min(session.window, cap) if session.window is not None else cap
 
@@ -126,7 +127,7 @@ class SessionWork:
                 batch = session.take_pending(INGEST_BATCH_BYTES)
                 ids = await self.rt.offload(lambda: [entry_tokens(self.rt, text) for text in batch])
                 session.entries.extend(Entry(text, tokens) for text, tokens in zip(batch, ids))
-                evicted = session.evict_to_window(self._window(session))
+                evicted = session.evict_to_window(self.window(session))
                 if session.conversation is not None and not session.data_mode:
                     session.conversation = None  # rendered without data: the next turn renders it after the data
                     session.chat = None

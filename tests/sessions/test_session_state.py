@@ -271,3 +271,23 @@ def test_a_flooded_prefix_cache_never_takes_a_sessions_kv(tmp_path) -> None:
         assert second.usage.prompt_tokens_details.prefix_cached_tokens is None  # all of it was the session's
     finally:
         stop_server(proc)
+
+
+def test_push_bounds(ls: LayerScale, session_server) -> None:
+    """An entry that can never fit the window is a 400 naming `data`; past 4,096 pending entries the
+    oldest pending ones are dropped (counted), the rest ingested; a window slides."""
+    from layerscale import BadRequestError
+
+    sid = ls.sessions.create(window=64).id
+    try:
+        with pytest.raises(BadRequestError) as refused:
+            ls.sessions.push(sid, ["short", "x" * 200_000])
+        assert "window" in refused.value.message
+        ack = ls.sessions.push(sid, [f"e{i}" for i in range(4100)], wait=True, wait_timeout=120)
+        assert (ack.pushed, ack.dropped, ack.total_dropped) == (4100, 4, 4)
+        state = held(session_server.base_url, sid)
+        session = ls.sessions.get(sid)
+        assert session.evicted + len(state["entries"]) == 4096 and state["entries"][-1] == "e4099"
+        assert sum(1 for _ in state["durable"]) <= 64 + 16  # the window (and the data's opening)
+    finally:
+        ls.sessions.delete(sid)
