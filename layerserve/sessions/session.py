@@ -95,7 +95,10 @@ class Session:
         self.ready_token: int | None = None
         self.ready_gap: float | None = None
         self.ready_version: int | None = None  # the data version the ready position was computed at
-        self.unsettled: tuple[int, int] | None = None  # (entries, evicted) ingested but not yet KV-resident
+        self.unsettled = False  # entries taken from `pending` whose KV is not resident yet
+        # A warm turn's conversation is held for the next turn: background questions (flash answers,
+        # the ready position) wait for that turn (or new data) rather than replace it.
+        self.warmed = False
         self.foreground: str | None = None  # the foreground request on it ("turn", "generate")
         self.background: Any = None  # the background Run in flight, if any (cancellable)
         self.warm: Any = None  # the warm turn's Run in flight, if any

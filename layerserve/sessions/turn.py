@@ -41,6 +41,7 @@ class SessionTurn:
             self.session.release("turn")
             raise
         self._locked = True
+        self.session.warmed = False  # the turn a warm turn prepared (if any) is here
 
     def prompt(self, plan: ChatPlan, rt, extra: dict[str, Any] | None) -> list[int]:
         """The turn's prompt ids (on a prep thread): after the session's data, if it has some."""

@@ -104,7 +104,7 @@ class SessionWork:
     async def _work(self, session: Session) -> None:
         try:
             while not session.deleted:
-                if session.pending or session.unsettled is not None:
+                if session.pending or session.unsettled:
                     await self._ingest_batch(session)
                     continue
                 if not await self._answer_flash(session) and not await self._ready_position(session):
@@ -124,16 +124,21 @@ class SessionWork:
             if session.deleted:
                 return
             if session.pending:
+                # The batch leaves the pending queue in memory and in the journal at once (a drop
+                # after this point takes other entries, in both); it is stamped with the version
+                # it will have once KV-resident, so a restart never shows an older version.
                 batch = session.take_pending(INGEST_BATCH_BYTES)
+                session.journal.ingest(session.id, len(batch), 0, session.data_version + 1)
+                session.unsettled = True
                 ids = await self.rt.offload(lambda: [entry_tokens(self.rt, text) for text in batch])
                 session.entries.extend(Entry(text, tokens) for text, tokens in zip(batch, ids))
                 evicted = session.evict_to_window(self.window(session))
+                if evicted:
+                    session.journal.ingest(session.id, 0, evicted, session.data_version + 1)
                 if session.conversation is not None and not session.data_mode:
                     session.conversation = None  # rendered without data: the next turn renders it after the data
                     session.chat = None
                     session.journal.forget_conversation(session.id)
-                count, before = session.unsettled or (0, 0)
-                session.unsettled = (count + len(batch), before + evicted)
                 self.counters.ingested_tokens += sum(len(t) for t in ids)
             run = self.run(session, "ingest", session.durable_tokens(), SamplingParams(max_tokens=0), background=True)
             session.background = run
@@ -145,10 +150,9 @@ class SessionWork:
                 return  # a foreground request took over; it resumes after it (what was computed is kept)
             if session.deleted:
                 return
-            count, evicted = session.unsettled
-            session.unsettled = None
+            session.unsettled = False
+            session.warmed = False  # new data: the warm turn's conversation follows it no more
             session.data_version += 1
-            session.journal.ingest(session.id, count, evicted, session.data_version)
         session.data_updated()
 
     # ---- questions ---------------------------------------------------------------------
@@ -197,7 +201,9 @@ class SessionWork:
 
     # ---- flash queries -----------------------------------------------------------------
     async def _answer_flash(self, session: Session) -> bool:
-        """Answer one stale flash query; False when all are fresh."""
+        """Answer one stale flash query; False when all are fresh (or a warm turn's KV is held)."""
+        if session.warmed:
+            return False
         for fq in list(session.flash.values()):
             if fq.data_version == session.data_version or fq.id not in session.flash:
                 continue
@@ -230,7 +236,8 @@ class SessionWork:
     async def _ready_position(self, session: Session) -> bool:
         """For a pre_decode session: hold the data and a question's opening, so the next question
         computes only itself; record the model's next token there and its logit gap."""
-        if not session.pre_decode or session.ready_version == session.data_version or not session.has_data:
+        if not session.pre_decode or session.ready_version == session.data_version or not session.has_data \
+                or session.warmed:
             return False
         async with session.lock:
             if session.deleted or session.pending:
@@ -276,6 +283,7 @@ class SessionWork:
         self.counters.warm_turns += 1
         if _reason(out) is FinishReason.ABORT:
             return out, "cancelled"
+        session.warmed = True
         if out.held_tokens >= len(prompt_ids):
             return out, "covered"
         self.counters.warmed_tokens += len(prompt_ids) - out.cached_tokens

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
 import random
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import uuid
@@ -131,9 +134,21 @@ async def _data_session(client: AsyncLayerScale, sid: str, deadline: float, rng:
     return pushed + [f"{sid} final"]
 
 
-async def test_sixteen_sessions_of_mixed_traffic(session_server, smollm_tokenizer) -> None:
+def replayed(session_dir, sids: list[str]) -> dict:
+    """The sessions as a restart would restore them: their journals, copied and replayed."""
+    from layerserve.sessions.journal import Journal
+
+    with tempfile.TemporaryDirectory() as copy:
+        for sid in sids:
+            shutil.copy(session_dir / f"{sid}.jsonl", copy)
+        with Journal(pathlib.Path(copy)) as journal:
+            return {rec.id: rec for rec in journal.restore()}
+
+
+async def test_sixteen_sessions_of_mixed_traffic(session_server, session_dir, smollm_tokenizer) -> None:
     """16 sessions, interleaved turns, pushes and questions for a minute: no errors; each session's
-    tokens are its turns and pushes replayed; nothing leaked once they are deleted."""
+    tokens are its turns and pushes replayed, and its journal replays to the same state; nothing
+    leaked once they are deleted."""
     base = session_server.base_url
     rng = random.Random(1234)
     deadline = time.monotonic() + 60
@@ -142,8 +157,14 @@ async def test_sixteen_sessions_of_mixed_traffic(session_server, smollm_tokenize
         work = [(_chat_session if i % 2 == 0 else _data_session)(client, sid, deadline, random.Random(rng.random()))
                 for i, sid in enumerate(sids)]
         results = await asyncio.gather(*work)  # any error fails the test
+        journals = replayed(session_dir, sids)
         for i, (sid, result) in enumerate(zip(sids, results)):
             state = held(base, sid)
+            live = await client.sessions.get(sid)
+            rec = journals[sid]
+            assert (rec.durable, rec.pending, rec.evicted, rec.turns) == (
+                state["entries"], state["pending"], live.evicted, live.turns), sid
+            assert rec.conversation == state["conversation"] and rec.data_version == live.data_version, sid
             assert state["token_ids"][:state["data_end"]] == state["durable"], sid
             assert state["kv_tokens"] + 1 >= state["data_end"] or i % 2 == 1 and state["kv_tokens"] >= state["data_end"]
             if i % 2 == 0:  # a conversation: the last turn's messages rendered, then its reply
@@ -289,5 +310,29 @@ def test_push_bounds(ls: LayerScale, session_server) -> None:
         session = ls.sessions.get(sid)
         assert session.evicted + len(state["entries"]) == 4096 and state["entries"][-1] == "e4099"
         assert sum(1 for _ in state["durable"]) <= 64 + 16  # the window (and the data's opening)
+    finally:
+        ls.sessions.delete(sid)
+
+
+def test_background_questions_leave_a_warm_turn_alone(ls: LayerScale) -> None:
+    """On a pre_decode session with data and a flash query, the background work that follows a
+    push (flash answers, the ready position) does not replace what a warm turn prefilled: warming
+    the same conversation again is `covered`, and the turn resumes all of it."""
+    sid = ls.sessions.create(pre_decode=True).id
+    try:
+        ls.sessions.flash(sid, "What was the last price?", max_tokens=4)
+        ls.sessions.push(sid, [f"tick {i} price {100 + i}" for i in range(8)], wait=True)
+        deadline = time.monotonic() + 60
+        while not (ls.sessions.get(sid).ready and ls.sessions.list_flash(sid).data[0].fresh):
+            assert time.monotonic() < deadline, "the flash answer and the ready position never came"
+            time.sleep(0.05)
+        messages = [{"role": "user", "content": "Summarise the ticks in one line."}]
+        first = ls.sessions.warm(sid, messages=messages)
+        assert first.finish_reason == "warmed"
+        time.sleep(0.5)  # room for any background work to run (there must be none)
+        again = ls.sessions.warm(sid, messages=messages)
+        assert again.finish_reason == "covered" and again.cached_tokens == again.prompt_tokens
+        turn = ls.chat.create(messages=messages, session_id=sid, max_tokens=4)
+        assert turn.usage.prompt_tokens_details.cached_tokens == turn.usage.prompt_tokens - 1
     finally:
         ls.sessions.delete(sid)

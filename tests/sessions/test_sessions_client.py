@@ -101,6 +101,7 @@ def test_list_is_sorted_by_creation_and_get_reports_last_used(ls: LayerScale) ->
     try:
         for sid in reversed(ids):  # ids sort the other way round from creation
             created.append(ls.sessions.create(id=sid))
+            time.sleep(0.003)  # the order is by creation millisecond, then id (the client's docs): no ties
         listed = ls.sessions.list()
         assert listed.object == "list"
         mine = [s.id for s in listed.data if s.id in ids]
