@@ -35,8 +35,7 @@ from layerserve.api.protocol import ChatCompletionRequest, parse_request
 from layerserve.api.runs import Usage
 from layerserve.api.sampling import sampling_params
 from layerserve.api.state import Runtime, server_state
-from layerserve.api.turn_http import open_turn
-from layerserve.sessions.turn import open_session_turn
+from layerserve.api.turn_http import open_session_turn, open_turn
 
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

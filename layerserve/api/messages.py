@@ -31,8 +31,7 @@ from layerserve.api.messages_turn import messages_sampling, messages_turn_reques
 from layerserve.api.protocol import parse_request
 from layerserve.api.runs import Usage
 from layerserve.api.state import Runtime, server_state
-from layerserve.api.turn_http import open_turn
-from layerserve.sessions.turn import open_session_turn
+from layerserve.api.turn_http import open_session_turn, open_turn
 
 
 def stop_reason(finish_reason: str | None, stop_sequence: str | None) -> str:

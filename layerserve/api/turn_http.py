@@ -12,7 +12,11 @@ from fastapi import Request
 
 from layerserve.api.admission import request_timeout
 from layerserve.api.chat_turn import ChatTurn
+from layerserve.api.errors import InvalidRequestError
 from layerserve.api.observe import log_fields
+from layerserve.sessions.turn import SessionTurn
+
+SESSION_HEADER = "x-layerscale-session-id"  # runs a chat turn in a session, on either chat surface
 
 
 @dataclass(slots=True)
@@ -44,3 +48,16 @@ def open_turn(request: Request, state, rt, turn_id: str, prompt_ids: list[int], 
         fields.update(turn.log_fields())
 
     return OpenTurn(turn, timeout, close)
+
+
+async def open_session_turn(request: Request, store) -> SessionTurn | None:
+    """The request's session turn when it names a session in the header (404 for an unknown one,
+    409 while a turn or question is on it), claimed and with background work out of its way."""
+    session_id = request.headers.get(SESSION_HEADER)
+    if session_id is None:
+        return None
+    if store is None:
+        raise InvalidRequestError("Sessions are not available on this server.", SESSION_HEADER)
+    turn = SessionTurn(store, store.get(session_id))
+    await turn.open()
+    return turn

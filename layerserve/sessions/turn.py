@@ -7,16 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Request
-
 from layerserve.engine.request import FinishReason, RequestOutput
 from layerserve.sessions.context import turn_tokens
 from layerserve.sessions.session import Session
 from layerserve.sessions.store import SessionStore
 from layerserve.text.tools import ChatPlan
-
-SESSION_HEADER = "x-layerscale-session-id"
-
 
 class SessionTurn:
     def __init__(self, store: SessionStore, session: Session) -> None:
@@ -88,17 +83,3 @@ class SessionTurn:
         if not self.session.deleted:
             self.session.data_updated()
             self.store.work.wake(self.session)
-
-
-async def open_session_turn(request: Request, store: SessionStore | None) -> SessionTurn | None:
-    """The request's session turn, when it names a session in the header (404 for an unknown one)."""
-    session_id = request.headers.get(SESSION_HEADER)
-    if session_id is None:
-        return None
-    from layerserve.api.errors import InvalidRequestError
-
-    if store is None:
-        raise InvalidRequestError("Sessions are not available on this server.", SESSION_HEADER)
-    turn = SessionTurn(store, store.get(session_id))
-    await turn.open()
-    return turn
