@@ -58,7 +58,7 @@ _bench_dir_off_path()
 from layerscale import LayerScale  # noqa: E402
 from openai import OpenAI  # noqa: E402
 
-from bench.common import cpu_model_name  # noqa: E402
+from bench.common import cpu_model_name, stop_process  # noqa: E402
 from bench.multiturn import chat_turn  # noqa: E402
 from bench.peers import _free_port, llama_server  # noqa: E402
 from layerserve.model_files import default_model_path  # noqa: E402
@@ -142,12 +142,7 @@ def layerserve(model: pathlib.Path, max_model_len: int, log: pathlib.Path) -> It
             _wait_healthy(proc, url, log)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 @contextlib.contextmanager

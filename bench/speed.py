@@ -53,7 +53,7 @@ _bench_dir_off_path()
 import torch  # noqa: E402
 from openai import OpenAI  # noqa: E402
 
-from bench.common import PromptMaker, Timing, aggregate_rate, cpu_model_name  # noqa: E402
+from bench.common import PromptMaker, Timing, aggregate_rate, cpu_model_name, stop_process  # noqa: E402
 from bench.engine import gguf_weight_bytes  # noqa: E402
 from bench.multiturn import TOPICS, chat_turn, tool_prompt  # noqa: E402
 from bench.multiturn import agentic as multiturn_agentic  # noqa: E402
@@ -142,12 +142,7 @@ def _served(name: str, cmd: list[str], log: pathlib.Path, port: int) -> Iterator
             _log(f"{name} healthy after {time.perf_counter() - t0:.1f} s (pid {proc.pid})")
             yield Server(name, url, proc, OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 def layerserve_server(model: pathlib.Path, extra: list[str],
