@@ -56,3 +56,18 @@ class Pump:
     def wait_end(self, timeout: float = 30.0) -> bool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+def refused_by(calls: list[tuple[str, Callable[[], Any]]], error: type[Exception], status: int) -> list[tuple[str, str]]:
+    """Run each named call; those that did not raise `error` with `status` (to report together)."""
+    wrong = []
+    for name, call in calls:
+        try:
+            call()
+            wrong.append((name, "succeeded"))
+        except error as exc:
+            if exc.status_code != status:
+                wrong.append((name, f"status {exc.status_code}"))
+        except Exception as exc:  # noqa: BLE001 - collected, reported together
+            wrong.append((name, repr(exc)))
+    return wrong

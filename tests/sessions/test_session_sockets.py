@@ -16,7 +16,7 @@ import pytest
 from layerscale import (AsyncLayerScale, AuthenticationError, BadRequestError, LayerScale, NotFoundError,
                         WsConnected, WsDataUpdated, WsError, WsFlashReady, WsPong, WsPushAck)
 from server_process import Server, start_server, stop_server
-from session_helpers import WAIT_S, Pump
+from session_helpers import WAIT_S, Pump, refused_by
 from websockets.sync.client import connect as raw_connect
 
 KEY = "secret"
@@ -210,15 +210,7 @@ async def test_api_key_guards_sockets_and_session_routes(keyed_server: Server, n
                     ("delete", lambda: client.sessions.delete(s.id)),
                     ("ws", lambda: client.sessions.ws(s.id)),
                 ]
-                wrong_answers = []
-                for name, call in calls:
-                    try:
-                        call()
-                        wrong_answers.append((name, "succeeded"))
-                    except AuthenticationError as exc:
-                        assert exc.status_code == 401
-                    except Exception as exc:  # noqa: BLE001 - collected, reported together
-                        wrong_answers.append((name, repr(exc)))
+                wrong_answers = refused_by(calls, AuthenticationError, 401)
                 assert not wrong_answers, wrong_answers
                 # an unknown session is refused for the key first, before the lookup
                 with pytest.raises(AuthenticationError):

@@ -22,7 +22,7 @@ from layerscale.types import GenerationDone
 from layerscale.types.sessions import (ConnectedEvent, DataUpdatedEvent, FlashReadyEvent, GenerationTextChunk,
                                        Session)
 from server_process import MAX_BODY_BYTES, Server
-from session_helpers import WAIT_S, Pump
+from session_helpers import WAIT_S, Pump, refused_by
 
 MAX_SESSIONS = 24  # conftest's --max-sessions
 DATA = ["AAPL 187.44 +0.5%", "MSFT 420.21 -0.1%"]
@@ -392,15 +392,7 @@ def test_unknown_session_is_404_on_every_route(ls: LayerScale) -> None:
         ("chat stream", lambda: list(ls.chat.stream(messages=msgs, max_tokens=1, session_id=sid))),
         ("messages", lambda: ls.messages.create(messages=msgs, max_tokens=1, session_id=sid)),
     ]
-    wrong = []
-    for name, call in calls:
-        try:
-            call()
-            wrong.append((name, "succeeded"))
-        except NotFoundError as exc:
-            assert exc.status_code == 404
-        except Exception as exc:  # noqa: BLE001 - collected, reported together
-            wrong.append((name, repr(exc)))
+    wrong = refused_by(calls, NotFoundError, 404)
     assert not wrong, wrong
 
 
