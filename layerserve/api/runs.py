@@ -22,6 +22,14 @@ from layerserve.engine.request import FinishReason, RequestOutput, SamplingParam
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 
+def refusal(message: str, code: str, param: str | None) -> Exception:
+    """The API error of a request the engine refused: sessions holding the pool is a conflict
+    (409), anything else a bad request (400)."""
+    if code == "kv_pool_full":
+        return ConflictError(message, param, code)
+    return InvalidRequestError(message, param, code)
+
+
 class Run:
     """One engine request as the HTTP layer sees it; reports its timings and tokens to `metrics`."""
 
@@ -44,8 +52,8 @@ class Run:
             self._outputs = engine.add_request(request_id, prompt_ids, params,  # may raise InvalidRequest
                                                session_id=session_id, background=background)
         except InvalidRequest as exc:
-            if exc.code == "kv_pool_full":  # sessions hold the pool: a conflict, not a bad request
-                raise ConflictError(str(exc), exc.param, exc.code) from None
+            if exc.code == "kv_pool_full":
+                raise refusal(str(exc), exc.code, exc.param) from None
             raise
 
     @property
@@ -58,10 +66,8 @@ class Run:
                 self._observe(out)
                 if out.error is not None:
                     self.finished = True
-                    if out.error_code == "kv_pool_full":
-                        raise ConflictError(out.error, "messages", out.error_code)
                     if out.error_code is not None:  # refused on the engine thread: the message says why
-                        raise InvalidRequestError(out.error, None, out.error_code)
+                        raise refusal(out.error, out.error_code, "messages")
                     # The cause is in the server log (by request id), never in the response.
                     raise EngineRequestError(
                         f"The server had an error while generating this response (request id {self.request_id}).")

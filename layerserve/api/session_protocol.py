@@ -4,11 +4,11 @@ An unknown field is a 400 naming it, as on every route of ours."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+from layerserve.api.protocol import ReasoningEffort
 MAX_STOP = 4
 MAX_STOP_BYTES = 64
 

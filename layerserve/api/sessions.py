@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -87,8 +86,7 @@ async def warm(request: Request, session_id: str) -> Response:
     state, rt, store = _store(request)
     req = parse_request(ChatCompletionRequest, await request.body())
     session = store.get(session_id)
-    if session.busy:
-        session.claim("warm")  # raises the 409 for the turn in flight
+    session.check_free()  # a warm turn while a turn is in flight: 409
     turn = chat_turn_request(req, state.config)
     entries = session.entry_ids() if session.has_data else None
 
@@ -99,36 +97,11 @@ async def warm(request: Request, session_id: str) -> Response:
     ids = await rt.offload(prompt)
     rt.engine.core.validate(ids, SamplingParams(max_tokens=0))  # a conversation past the context: 400
     out, reason = await store.work.warm(session, ids)
-    version = session.data_version
-    if session.data_end > 0 and _common(ids, session.durable_tokens()) < session.data_end and reason != "cancelled":
-        version = _truncate_conversation(session, ids)
+    version = session.data_version if reason == "cancelled" else session.diverged(ids)
     cached, held = (out.cached_tokens, out.held_tokens) if out is not None else (0, 0)
     return JSONResponse({"id": f"warm-{uuid.uuid4().hex}", "object": "session.warm", "session_id": session.id,
                          "finish_reason": reason, "prompt_tokens": len(ids), "cached_tokens": cached,
                          "prefix_cached_tokens": cached - held, "data_version": version})
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _truncate_conversation(session: Session, ids: list[int]) -> int:
-    """A warm turn whose prompt diverged inside the durable conversation: the conversation keeps
-    the common part (the engine now holds the warm prompt instead)."""
-    data = len(session.data_section())
-    keep = max(_common(ids, session.durable_tokens()) - data, 0)
-    if session.conversation is not None and keep < len(session.conversation):
-        session.conversation = session.conversation[:keep]
-        session.chat = None
-        session.data_version += 1
-        session.journal.turn(session.id, session.conversation, session.data_mode, session.turns, session.data_version)
-        session.data_updated()
-    return session.data_version
 
 
 # ---- generate ----------------------------------------------------------------------------
@@ -339,11 +312,4 @@ async def debug_tokens(request: Request, session_id: str) -> Response:
     return JSONResponse({"token_ids": list(ctx.token_ids) if ctx else [], "kv_tokens": ctx.num_kv if ctx else 0,
                          "durable": session.durable_tokens(), "data_end": session.data_end,
                          "entries": [e.text for e in session.entries], "pending": list(session.pending),
-                         "conversation": session.conversation, "turns": session.turns, "time": time.time(),
-                         "locked": session.lock.locked(), "unsettled": session.unsettled,
-                         "in_use": None if ctx is None or ctx.in_use is None else
-                         [ctx.in_use.group.request_id, str(ctx.in_use.status), ctx.in_use.num_computed_tokens,
-                          ctx.in_use.num_tokens, ctx.in_use in rt.engine.core.scheduler.waiting_bg,
-                          ctx.in_use in rt.engine.core.scheduler.running],
-                         "background": None if session.background is None else session.background.request_id,
-                         "worker": None if session.worker is None else repr(session.worker)[:300]})
+                         "conversation": session.conversation, "turns": session.turns})

@@ -86,8 +86,9 @@ class EngineCore:
             ctx.block_table = []
 
     def held_blocks(self, but: str | None = None) -> int:
-        """Blocks sessions hold (optionally leaving one session out)."""
-        return sum(ctx.num_blocks(self.kv) for sid, ctx in self.held.items() if sid != but)
+        """Blocks sessions hold (optionally leaving one session out). The event loop asks too, for an
+        early refusal: it reads a snapshot of the dict, which the engine thread may be changing."""
+        return sum(ctx.num_blocks(self.kv) for sid, ctx in tuple(self.held.items()) if sid != but)
 
     def session_room(self, session_id: str | None) -> int:
         """Blocks a request may count on: the pool minus what (other) sessions hold; a session
@@ -176,7 +177,6 @@ class EngineCore:
         for seq in group.seqs:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
-        group.prefix_counted = True
         self._early.append(self._output(group))
         del self.groups[group.request_id]
 

@@ -111,6 +111,7 @@ class Scheduler:
                     i += 1
                     continue
             need = self.kv.blocks_needed(seq.num_computed_tokens + num_new) - len(seq.block_table)
+            preempted_here = False
             while need > self.kv.num_free_blocks:
                 victim = self._victim(seq, done, background)
                 if victim is None and seq.held is not None:
@@ -124,8 +125,9 @@ class Scheduler:
                     break
                 self.running.remove(victim)
                 self._preempt(victim)
-                preempted = True
-            i = self.running.index(seq)  # a victim may have been ahead of it
+                preempted = preempted_here = True
+            if preempted_here:
+                i = self.running.index(seq)  # a victim may have been ahead of it
             if need > self.kv.num_free_blocks:
                 self.running.pop(i)
                 preempted = True

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerserve.api.chat_prompt import template_prompt_ids
-from layerserve.api.errors import InvalidRequestError
 from layerserve.api.state import Runtime
 
 
@@ -85,9 +84,3 @@ def question_opening(rt: Runtime, data: list[int]) -> list[int]:
                                       None, True, None, literals.hide)
     _, after = text.split(mark, 1)
     return rt.tokenizer.encode_prompt(after.split(mark, 1)[0], literals)
-
-
-def check_question(prompt: Any) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InvalidRequestError("'prompt' must be a non-empty string.", "prompt")
-    return prompt

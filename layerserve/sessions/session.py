@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerserve.api.errors import ConflictError
+from layerserve.engine.held import common_prefix
 from layerserve.sessions.context import DataLayout
 from layerserve.sessions.journal import FlashRecord, Journal, SessionRecord
 
@@ -131,6 +132,18 @@ class Session:
         if self.conversation is not None and self.data_mode == self.has_data:
             n += len(self.conversation)
         return n
+
+    def diverged(self, ids: list[int]) -> int:
+        """The engine now holds `ids` (a warm turn's prompt): where they part from the durable
+        conversation, the conversation keeps only the common part (journaled). The data version."""
+        keep = common_prefix(ids, self.durable_tokens()) - len(self.data_section())
+        if self.conversation is not None and self.data_mode == self.has_data and 0 <= keep < len(self.conversation):
+            self.conversation = self.conversation[:keep]
+            self.chat = None
+            self.data_version += 1
+            self.journal.turn(self.id, self.conversation, self.data_mode, self.turns, self.data_version)
+            self.data_updated()
+        return self.data_version
 
     def held(self, out) -> None:
         """Mirror what the engine holds after one of this session's requests ended."""
@@ -286,10 +299,14 @@ class Session:
         finally:
             self.release(kind)
 
-    def claim(self, kind: str) -> None:
+    def check_free(self) -> None:
+        """409 while a foreground request (a turn, a question) is in flight on it."""
         if self.foreground is not None:
             raise ConflictError(f"Session '{self.id}' is busy: a {self.foreground} is in flight on it. "
                                 f"Wait for it to finish.", None, "session_busy")
+
+    def claim(self, kind: str) -> None:
+        self.check_free()
         self.foreground = kind
         self.touch()
 

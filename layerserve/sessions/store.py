@@ -90,7 +90,7 @@ class SessionStore:
             raise ConflictError(f"The server holds {len(self.sessions)} live sessions, its limit "
                                 f"(--max-sessions {self.max_sessions}); delete one first.", None, "too_many_sessions")
         core = self.rt.engine.core
-        if core.session_room(None) - core.kv.blocks_needed(core.max_model_len) <= 0:
+        if core.session_room(session_id) <= 0:  # what a session may count on, beside one request's worth
             raise ConflictError(f"The KV pool is full: sessions hold {core.held_blocks() * core.kv.block_size} of its "
                                 f"{core.kv.num_blocks * core.kv.block_size} token slots. Delete sessions or start the "
                                 f"server with a larger --kv-cache-memory.", None, "kv_pool_full")
@@ -125,9 +125,7 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> Session:
         session = self.get(session_id)
-        if session.busy:
-            raise ConflictError(f"Session '{session_id}' is busy: a {session.foreground} is in flight on it.",
-                                None, "session_busy")
+        session.check_free()
         self._remove(session)
         if session.worker is not None and not session.worker.done():
             try:

@@ -249,11 +249,11 @@ class SessionWork:
                            background=True)
             session.background = run
             try:
-                out_text = [d for out in [await self.finish(session, run)] for d in out.deltas]
+                out = await self.finish(session, run)
             finally:
                 session.background = None
-            probs = [lp for d in out_text for lp in (d.logprobs or [])]
-            if not probs or any(d.finish_reason is FinishReason.ABORT for d in out_text):
+            probs = [lp for d in out.deltas for lp in (d.logprobs or [])]
+            if not probs or _reason(out) is FinishReason.ABORT:
                 return True
             top = probs[0].top
             session.ready_token = probs[0].token_id

@@ -166,7 +166,7 @@ async def test_sixteen_sessions_of_mixed_traffic(session_server, session_dir, sm
                 state["entries"], state["pending"], live.evicted, live.turns), sid
             assert rec.conversation == state["conversation"] and rec.data_version == live.data_version, sid
             assert state["token_ids"][:state["data_end"]] == state["durable"], sid
-            assert state["kv_tokens"] + 1 >= state["data_end"] or i % 2 == 1 and state["kv_tokens"] >= state["data_end"]
+            assert state["kv_tokens"] + 1 >= state["data_end"]
             if i % 2 == 0:  # a conversation: the last turn's messages rendered, then its reply
                 prompt = chat_prompt_ids(base, result)
                 assert state["durable"][:len(prompt)] == prompt, sid
@@ -309,7 +309,7 @@ def test_push_bounds(ls: LayerScale, session_server) -> None:
         state = held(session_server.base_url, sid)
         session = ls.sessions.get(sid)
         assert session.evicted + len(state["entries"]) == 4096 and state["entries"][-1] == "e4099"
-        assert sum(1 for _ in state["durable"]) <= 64 + 16  # the window (and the data's opening)
+        assert len(state["durable"]) <= 64 + 16  # the window (and the data's opening)
     finally:
         ls.sessions.delete(sid)
 
