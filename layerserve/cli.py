@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+from layerserve.cluster.launch import ClusterConfig
 from layerserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig, SpeculativeConfig
 from layerserve.text.tool_parsers import TOOL_FORMATS
 
@@ -19,7 +20,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "m
 _DEFAULT_NAMES = ("default", "smollm2", "SmolLM2-135M-Instruct")
 # Defaults come from instances: a slots dataclass has no class-level default values.
 _SERVER, _SCHEDULER, _ENGINE = ServerConfig(), SchedulerConfig(), EngineConfig(model="default")
-_SPEC = SpeculativeConfig()
+_SPEC, _CLUSTER = SpeculativeConfig(), ClusterConfig()
 log = logging.getLogger("layerserve")
 
 
@@ -147,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where session journals live (default: the user's cache dir, by port and model)")
     serve.add_argument("--debug", action="store_true",
                        help="serve /debug/* routes (a session's held token ids); not for production")
+    cluster = serve.add_argument_group("cluster (Ray Serve; needs `pip install layerserve[cluster]`)")
+    cluster.add_argument("--replicas", type=_positive_int, default=None,
+                         help="serve through Ray Serve with this many engine replicas behind one endpoint, routed "
+                              "by session and prefix affinity; unset: a single engine, no Ray")
+    cluster.add_argument("--ray-address", default=None,
+                         help="join this Ray cluster (e.g. 10.0.0.1:6379, or 'auto'); default: start Ray here")
+    cluster.add_argument("--replica-threads", type=_positive_int, default=_CLUSTER.replica_threads,
+                         help="torch threads per replica (each also reserves as many Ray CPUs)")
+    cluster.add_argument("--router", default=_CLUSTER.router, choices=["affinity", "power-of-two"],
+                         help="affinity: sessions to their replica, prompts to the replica holding their prefix; "
+                              "power-of-two: Ray Serve's default router (for comparison)")
+    cluster.add_argument("--route-imbalance", type=_nonnegative_float, default=_CLUSTER.imbalance_threshold,
+                         help="prefix affinity gives way to the least-loaded replica when the preferred one has "
+                              "this many more requests in flight than it")
+    cluster.add_argument("--detach", action="store_true",
+                         help="with --ray-address: deploy (or update a running deployment, e.g. its --replicas) "
+                              "and exit, leaving it running on the cluster")
     serve.add_argument("--log-level", default=_SERVER.log_level,
                        choices=["critical", "error", "warning", "info", "debug"], help="logging verbosity")
     return parser
@@ -201,6 +219,11 @@ def serve(args: argparse.Namespace) -> int:
     if server_config.api_key is None and not is_loopback(server_config.host):
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model "
                     "(set --api-key or $LAYERSERVE_API_KEY, or listen on 127.0.0.1)", server_config.host)
+    if args.replicas is not None:
+        return _serve_cluster(args, engine_config, server_config)
+    if args.ray_address or args.detach:
+        print("layerserve: --ray-address and --detach need --replicas", file=sys.stderr)
+        return 2
     app = build_app(engine_config, server_config)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,
                             access_log=False, timeout_graceful_shutdown=server_config.shutdown_timeout,
@@ -208,6 +231,25 @@ def serve(args: argparse.Namespace) -> int:
                             ws_ping_timeout=2 * WS_PING_S)
     DrainingServer(config, app.state.server).run()
     return 0
+
+
+def _serve_cluster(args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    from layerserve.api.state import session_dir
+
+    try:
+        from layerserve.cluster.launch import serve_cluster
+        import ray  # noqa: F401
+    except ImportError:
+        print("layerserve: --replicas needs Ray Serve: pip install 'layerserve[cluster]'", file=sys.stderr)
+        return 2
+    if args.detach and not args.ray_address:
+        print("layerserve: --detach needs --ray-address (a cluster that outlives this command)", file=sys.stderr)
+        return 2
+    # every replica reads and writes the same journals: one absolute directory for all of them
+    server_config = dataclasses.replace(server_config, session_dir=str(session_dir(server_config).resolve()))
+    cluster = ClusterConfig(replicas=args.replicas, ray_address=args.ray_address, replica_threads=args.replica_threads,
+                            router=args.router, imbalance_threshold=args.route_imbalance, detach=args.detach)
+    return serve_cluster(engine_config, server_config, cluster)
 
 
 WS_MAX_FRAME = 16 << 20  # session sockets: a bigger inbound frame drops the connection unread

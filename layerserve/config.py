@@ -91,4 +91,5 @@ class ServerConfig:
     session_ttl: float = 3600.0  # seconds a session may sit unused before it is deleted
     session_dir: str | None = None  # session journals; None: under the user's cache dir, by port and model
     debug: bool = False  # /debug/* routes (a session's held token ids)
+    replica: str | None = None  # this server's name as one replica of a cluster: sessions are adopted, not restored
     log_level: str = "info"

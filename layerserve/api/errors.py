@@ -91,6 +91,10 @@ class DrainingError(APIError):
     """The server is shutting down and takes no new requests (503)."""
 
 
+class ReplicaUnavailableError(APIError):
+    """The cluster's replica for the request died or cannot be reached (503)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorKind:
     status: int
@@ -114,6 +118,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     TooManyRequestsError: ErrorKind(429, "rate_limit_error", "queue_full"),
     RequestTimeoutError: ErrorKind(408, "timeout_error", "request_timeout"),
     DrainingError: ErrorKind(503, "server_error", "shutting_down"),
+    ReplicaUnavailableError: ErrorKind(503, "server_error", "replica_unavailable"),
     ModelNotReadyError: ErrorKind(503, "server_error", "model_not_ready"),
     EngineDeadError: ErrorKind(503, "server_error", "engine_unavailable"),
     EngineRequestError: ErrorKind(500, "server_error", "engine_error"),
@@ -195,7 +200,7 @@ def error_id(exc: BaseException) -> str:
 
 def log_internal(exc: BaseException, what: str) -> None:
     """Log a 5xx with its traceback; unexpected ones under the id their client was given."""
-    if isinstance(exc, (ModelNotReadyError, EngineDeadError, DrainingError)):
+    if isinstance(exc, (ModelNotReadyError, EngineDeadError, DrainingError, ReplicaUnavailableError)):
         return
     if isinstance(exc, APIError):
         log.error("%s: %s", what, exc, exc_info=exc)

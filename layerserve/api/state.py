@@ -177,7 +177,7 @@ class ServerState:
         from layerserve.sessions.store import SessionStore
 
         directory = session_dir(self.config)
-        store = SessionStore(rt, Journal(directory), max_sessions=self.config.max_sessions,
+        store = SessionStore(rt, Journal(directory, owner=self.config.replica), max_sessions=self.config.max_sessions,
                              ttl=self.config.session_ttl, metrics=self.metrics)
         restored = await rt.offload(store.restore)
         store.start()

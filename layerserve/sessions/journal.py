@@ -33,6 +33,7 @@ cannot make a journal unrestorable.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -49,6 +50,16 @@ SESSION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 SUFFIX = ".jsonl"
 CORRUPT_SUFFIX = ".jsonl.corrupt"
 TMP_SUFFIX = ".jsonl.tmp"
+LOCK_SUFFIX = ".lock"
+
+
+class OwnedElsewhere(Exception):
+    """The session's journal is locked by another owner (a replica sharing the directory)."""
+
+    def __init__(self, sid: str, owner: str) -> None:
+        super().__init__(f"session {sid!r} is held by {owner or 'another process'}")
+        self.sid = sid
+        self.owner = owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,14 +294,21 @@ class _Open:
 
 
 class Journal:
-    """Per-session append-only journals in one directory. Thread-safe."""
+    """Per-session append-only journals in one directory. Thread-safe.
 
-    def __init__(self, directory: pathlib.Path, fsync: bool = False) -> None:
+    With `owner` (a replica's name, when replicas share the directory), a session is open in one
+    Journal at a time: create() and adopt() take an exclusive flock on `<id>.lock` and write the
+    owner's name into it, and the lock is released by delete(), close() or the process's death
+    (the kernel drops it on SIGKILL too), so a dead replica's sessions can be adopted at once."""
+
+    def __init__(self, directory: pathlib.Path, fsync: bool = False, owner: str | None = None) -> None:
         self.directory = pathlib.Path(directory)
         self.fsync = fsync
+        self.owner = owner
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._open: dict[str, _Open] = {}
+        self._owned: dict[str, int] = {}  # session id -> the fd holding its flock (with `owner`)
 
     def path(self, sid: str) -> pathlib.Path:
         return self.directory / (_session_id(sid) + SUFFIX)
@@ -303,7 +321,12 @@ class Journal:
         data = _encode({"op": "snapshot", **snapshot})
         path = self.path(rec.id)
         with self._lock:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._take(rec.id)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except BaseException:
+                self._release(rec.id)
+                raise
             st = _Open(fd, 0, len(rec.pending), len(rec.durable), {f.fid for f in rec.flash})
             try:
                 self._write(st, data)
@@ -312,6 +335,7 @@ class Journal:
             except BaseException:
                 os.close(fd)
                 path.unlink(missing_ok=True)
+                self._release(rec.id)
                 raise
             self._open[rec.id] = st
 
@@ -394,6 +418,9 @@ class Journal:
             if st is not None:
                 os.close(st.fd)
             path.unlink(missing_ok=True)
+            if sid in self._owned:
+                self._lock_path(sid).unlink(missing_ok=True)
+                self._release(sid)
             if self.fsync:
                 self._fsync_dir()
 
@@ -408,6 +435,27 @@ class Journal:
         self.close()
 
     # ---- restoring ------------------------------------------------------------------------
+    def exists(self, sid: str) -> bool:
+        return self.path(sid).is_file()
+
+    def adopt(self, sid: str) -> SessionRecord | None:
+        """One session from its journal, locked to this owner and compacted, or None when it has
+        no journal (or an unrestorable one, moved aside as restore() does). OwnedElsewhere while
+        another owner holds it. A session already open here is returned as its file has it."""
+        with self._lock:
+            if sid in self._open:
+                return replay(_read_records(self.path(sid)))
+            self._take(sid)
+            try:
+                (self.directory / (sid + TMP_SUFFIX)).unlink(missing_ok=True)  # a compaction cut short
+                rec = self._restore_file(self.path(sid))
+                if rec is None:
+                    self._release(sid)
+                return rec
+            except BaseException:
+                self._release(sid)
+                raise
+
     def restore(self) -> list[SessionRecord]:
         """Replay every journal in the directory, compact each to one snapshot line, and keep
         them open for appends. Sorted by (created_ms, id). Meant for start-up: sessions already
@@ -416,27 +464,30 @@ class Journal:
             self._close_all()
             for tmp in self.directory.glob("*" + TMP_SUFFIX):  # a compaction cut short by a crash
                 tmp.unlink(missing_ok=True)
-            restored: list[SessionRecord] = []
-            for path in sorted(self.directory.glob("*" + SUFFIX)):
-                if not path.is_file():
-                    continue
-                sid = path.name[: -len(SUFFIX)]
-                try:
-                    _session_id(sid)
-                    rec = replay(_read_records(path))
-                    if rec.id != sid:
-                        raise ValueError(f"file holds session {rec.id!r}")
-                except (ValueError, OSError) as e:
-                    corrupt = _free_name(self.directory / (sid + CORRUPT_SUFFIX))
-                    log.warning("session journal %s cannot be restored (%s); moved to %s", path, e, corrupt.name)
-                    os.replace(path, corrupt)
-                    continue
-                self._compact(rec)
-                restored.append(rec)
+            restored = [rec for path in sorted(self.directory.glob("*" + SUFFIX))
+                        if (rec := self._restore_file(path)) is not None]
             if self.fsync:
                 self._fsync_dir()
         restored.sort(key=lambda r: (r.created_ms, r.id))
         return restored
+
+    def _restore_file(self, path: pathlib.Path) -> SessionRecord | None:
+        """Replay and compact one journal (kept open), or None: no file, or a corrupt one (moved aside)."""
+        if not path.is_file():
+            return None
+        sid = path.name[: -len(SUFFIX)]
+        try:
+            _session_id(sid)
+            rec = replay(_read_records(path))
+            if rec.id != sid:
+                raise ValueError(f"file holds session {rec.id!r}")
+        except (ValueError, OSError) as e:
+            corrupt = _free_name(self.directory / (sid + CORRUPT_SUFFIX))
+            log.warning("session journal %s cannot be restored (%s); moved to %s", path, e, corrupt.name)
+            os.replace(path, corrupt)
+            return None
+        self._compact(rec)
+        return rec
 
     def _compact(self, rec: SessionRecord) -> None:
         path = self.path(rec.id)
@@ -492,6 +543,34 @@ class Journal:
         for st in self._open.values():
             os.close(st.fd)
         self._open.clear()
+        for sid in list(self._owned):
+            self._release(sid)
+
+    def _lock_path(self, sid: str) -> pathlib.Path:
+        return self.directory / (_session_id(sid) + LOCK_SUFFIX)
+
+    def _take(self, sid: str) -> None:
+        """With an owner: lock `sid` to it (OwnedElsewhere if another holds it). Without: nothing."""
+        if self.owner is None or sid in self._owned:
+            return
+        fd = os.open(self._lock_path(sid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise OwnedElsewhere(sid, owner) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, self.owner.encode(), 0)
+        self._owned[sid] = fd
+
+    def _release(self, sid: str) -> None:
+        fd = self._owned.pop(sid, None)
+        if fd is not None:
+            os.close(fd)  # drops the flock
 
 
 def _read_records(path: pathlib.Path) -> list[dict[str, Any]]:

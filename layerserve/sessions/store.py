@@ -1,7 +1,9 @@
 """The live sessions of one server: create, look up, list, delete, expire, restore.
 
 Sessions are restored from their journals at start-up (their KV is recomputed on first use: the
-engine holds nothing for them until a request runs on one). A session nobody names for
+engine holds nothing for them until a request runs on one). A replica of a cluster, whose journal
+has an owner, restores none at start-up: it adopts a session from the shared directory when a
+request first names it (`adopt`), and the journal's lock keeps two replicas from both holding it. A session nobody names for
 `ttl` seconds is deleted as DELETE would delete it, never while a request, pending data or an
 event stream is on it.
 """
@@ -18,7 +20,7 @@ from typing import Any
 from layerserve.api.errors import ConflictError, InvalidRequestError, NotFoundError
 from layerserve.api.state import Runtime
 from layerserve.sessions.context import data_layout, entry_tokens
-from layerserve.sessions.journal import Journal, SessionRecord
+from layerserve.sessions.journal import Journal, OwnedElsewhere, SessionRecord
 from layerserve.sessions.session import Limits, Session
 from layerserve.sessions.work import SessionWork
 
@@ -50,7 +52,10 @@ class SessionStore:
 
     # ---- start and stop ----------------------------------------------------------------
     def restore(self) -> int:
-        """Sessions from their journals (on a prep thread: tokenizing their data)."""
+        """Sessions from their journals (on a prep thread: tokenizing their data); none for a
+        replica (they are adopted on first use)."""
+        if self.journal.owner is not None:
+            return 0
         restored = 0
         for rec in self.journal.restore():
             self._add(rec)
@@ -74,10 +79,33 @@ class SessionStore:
                 session.worker.cancel()
         self.journal.close()
 
+    async def adopt(self, session_id: str) -> bool:
+        """Make a session held in the shared directory live here, if it is not yet; True when it is
+        live now. OwnedElsewhere while another replica holds it. For replicas only."""
+        if session_id in self.sessions or self.journal.owner is None or not SESSION_ID.fullmatch(session_id):
+            return session_id in self.sessions
+        session = await self.rt.offload(self._adopted, session_id)
+        if session is None:
+            return False
+        if session_id in self.sessions:  # adopted meanwhile by a concurrent request
+            return True
+        self.sessions[session_id] = session
+        self.rt.engine.open_session(session.id)
+        if session.pending or session.flash:
+            self.work.wake(session)
+        log.info("session %s adopted from %s", session_id, self.journal.directory)
+        return True
+
+    def _adopted(self, session_id: str) -> Session | None:
+        rec = self.journal.adopt(session_id)
+        return None if rec is None else self._session(rec)
+
     def _add(self, rec: SessionRecord) -> Session:
-        session = Session(rec, self.layout, self.journal, self.limits, lambda text: entry_tokens(self.rt, text))
-        self.sessions[session.id] = session
+        session = self.sessions[rec.id] = self._session(rec)
         return session
+
+    def _session(self, rec: SessionRecord) -> Session:
+        return Session(rec, self.layout, self.journal, self.limits, lambda text: entry_tokens(self.rt, text))
 
     # ---- lifecycle ---------------------------------------------------------------------
     def create(self, session_id: str | None, window: int | None, pre_decode: bool) -> Session:
@@ -95,7 +123,10 @@ class SessionStore:
                                 f"{core.kv.num_blocks * core.kv.block_size} token slots. Delete sessions or start the "
                                 f"server with a larger --kv-cache-memory.", None, "kv_pool_full")
         rec = SessionRecord(session_id, int(time.time() * 1000), window, pre_decode)
-        self.journal.create(rec)
+        try:
+            self.journal.create(rec)
+        except (FileExistsError, OwnedElsewhere):  # a replica sharing the directory holds it
+            raise ConflictError(f"A session with id '{session_id}' exists already.", "id", "session_exists") from None
         session = self._add(rec)
         self.rt.engine.open_session(session_id)
         return session

@@ -1,0 +1,105 @@
+"""`layerserve serve --replicas N`: the app as a Ray Serve application, on a Ray cluster it joins
+(`--ray-address`) or starts on this machine.
+
+    proxy (Ray Serve, HOST:PORT) -> ingress (1 replica, ingress.py) -> engine (N replicas, replica.py)
+
+The engine deployment routes with AffinityRouter (router.py), or Ray's power-of-two router with
+`--router power-of-two` (for comparison). Sessions live in one journal directory that every
+replica reads and writes: on one machine the default cache dir, on many a shared mount given as
+--session-dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+from layerserve.config import EngineConfig, ServerConfig
+
+log = logging.getLogger("layerserve.cluster")
+
+APP_NAME = "layerserve"
+MAX_ONGOING = 1024  # per replica: streams and sockets hold a slot while open; the engine's own queue bound gives 429s
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    replicas: int = 2
+    ray_address: str | None = None  # None: start Ray on this machine
+    replica_threads: int = 1  # torch threads (and Ray CPUs) per replica
+    router: str = "affinity"  # or "power-of-two" (Ray's default router)
+    imbalance_threshold: float = 4.0  # prefix affinity yields to the least loaded past this queue difference
+    detach: bool = False  # deploy and exit, leaving the application running on the cluster
+
+
+def build_application(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig):
+    """The bound Serve application: the ingress in front of the engine deployment."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from layerserve.cluster.ingress import IngressSettings, ingress_deployment
+    from layerserve.cluster.replica import EngineReplica
+
+    router = None
+    if cluster.router == "affinity":
+        from layerserve.cluster.router import AffinityRouter
+
+        router = RequestRouterConfig(request_router_class=AffinityRouter,
+                                     request_router_kwargs={"imbalance_threshold": cluster.imbalance_threshold})
+    engine = dataclasses.replace(engine, num_threads=cluster.replica_threads)
+    options = dict(name="engine", num_replicas=cluster.replicas, max_ongoing_requests=MAX_ONGOING,
+                   ray_actor_options={"num_cpus": cluster.replica_threads}, health_check_period_s=2.0,
+                   health_check_timeout_s=30.0, graceful_shutdown_timeout_s=server.shutdown_timeout)
+    if router is not None:
+        options["request_router_config"] = router
+    replicas = serve.deployment(EngineReplica, **options).bind(engine, server)
+    settings = IngressSettings(debug=server.debug, max_body_bytes=server.max_body_bytes)
+    ingress = serve.deployment(ingress_deployment(settings), name="ingress", num_replicas=1,
+                               max_ongoing_requests=MAX_ONGOING * max(cluster.replicas, 1),
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(replicas)
+
+
+def start_ray(server: ServerConfig, cluster: ClusterConfig) -> bool:
+    """Connect to the cluster, or start one here (True when this process started it)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cluster.ray_address:
+        ray.init(address=cluster.ray_address, logging_level=logging.WARNING)
+        return False
+    from layerserve.cli import is_loopback
+
+    kwargs = {"_node_ip_address": "127.0.0.1"} if is_loopback(server.host) else {}
+    cpus = max(os.cpu_count() or 1, cluster.replicas * cluster.replica_threads)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, **kwargs)
+    return True
+
+
+def serve_cluster(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig) -> int:
+    import ray
+    from ray import serve
+
+    started = start_ray(server, cluster)
+    serve.start(http_options={"host": server.host, "port": server.port})
+    log.info("deploying %d replica(s) of %s on Ray (%s), router %s", cluster.replicas, engine.model,
+             cluster.ray_address or "started here", cluster.router)
+    serve.run(build_application(engine, server, cluster), name=APP_NAME, route_prefix="/", blocking=False)
+    log.info("serving on http://%s:%d (sessions in %s)", server.host, server.port, server.session_dir)
+    print(f"layerserve: {cluster.replicas} replica(s) ready on http://{server.host}:{server.port}", flush=True)
+    if cluster.detach:
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping: deleting the application")
+    serve.delete(APP_NAME)
+    if started:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
