@@ -32,18 +32,18 @@ from layerserve.api.errors import (BodyTooLargeError, EngineRequestError, ErrorS
                                    explain)
 from layerserve.cluster.merge import merge_metrics, merge_sessions, short_name
 from layerserve.cluster.relay import RelayRequest, RelayStart
-from layerserve.cluster.replica import MISDIRECTED, OWNER_HEADER, REPLICA_HEADER, WORLD_HEADER
+from layerserve.cluster.replica import MISDIRECTED, OWNER_HEADER, PID_HEADER, REPLICA_HEADER, WORLD_HEADER
 from layerserve.cluster.route import SESSION_PATH, Route, route_for
 
 log = logging.getLogger("layerserve.cluster")
 
-INTERNAL_HEADERS = (REPLICA_HEADER, WORLD_HEADER, OWNER_HEADER, b"x-layerserve-pid")
+INTERNAL_HEADERS = (REPLICA_HEADER, WORLD_HEADER, OWNER_HEADER, PID_HEADER)
 SURFACES = ErrorSurfaces(((MESSAGES_PREFIX, anthropic_envelope),))
 
 
 @dataclass(frozen=True, slots=True)
 class IngressSettings:
-    debug: bool = False  # responses keep the header naming the replica that answered
+    debug: bool = False  # responses keep the headers naming the replica that answered (and its pid)
     max_body_bytes: int = 16 << 20
 
 
@@ -215,7 +215,7 @@ class Ingress:
         self.routed[((start.header(REPLICA_HEADER) or b"?").decode(), route.kind)] += 1
 
     def _client_headers(self, start: RelayStart) -> list[tuple[bytes, bytes]]:
-        keep = (REPLICA_HEADER,) if self.settings.debug else ()
+        keep = (REPLICA_HEADER, PID_HEADER) if self.settings.debug else ()
         return [(k, v) for k, v in start.headers if k.lower() not in INTERNAL_HEADERS or k.lower() in keep]
 
     async def _send_whole(self, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

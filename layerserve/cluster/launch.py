@@ -23,6 +23,7 @@ from layerserve.config import EngineConfig, ServerConfig
 log = logging.getLogger("layerserve.cluster")
 
 APP_NAME = "layerserve"
+STOP_GRACE_S = 20.0
 MAX_ONGOING = 1024  # per replica: streams and sockets hold a slot while open; the engine's own queue bound gives 429s
 
 
@@ -74,9 +75,12 @@ def start_ray(server: ServerConfig, cluster: ClusterConfig) -> bool:
         return False
     from layerserve.cli import is_loopback
 
-    kwargs = {"_node_ip_address": "127.0.0.1"} if is_loopback(server.host) else {}
+    if is_loopback(server.host):
+        # a cluster of this machine alone: Ray's processes talk over 127.0.0.1 (ray.init maps a loopback
+        # node address to the host's own; with clusters off it keeps the node on the loopback address)
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     cpus = max(os.cpu_count() or 1, cluster.replicas * cluster.replica_threads)
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, **kwargs)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
@@ -98,8 +102,26 @@ def serve_cluster(engine: EngineConfig, server: ServerConfig, cluster: ClusterCo
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping: deleting the application")
-    serve.delete(APP_NAME)
-    if started:
-        serve.shutdown()
-        ray.shutdown()
+    # a bounded stop: replicas get --shutdown-timeout to finish their requests, and a cluster whose
+    # processes are already gone must not hang this one
+    done = threading.Thread(target=_stop, args=(started,), daemon=True)
+    done.start()
+    done.join(server.shutdown_timeout + STOP_GRACE_S)
+    if done.is_alive():
+        log.warning("the application did not stop within %.0fs; exiting anyway", server.shutdown_timeout + STOP_GRACE_S)
+        if started:
+            ray.shutdown()
     return 0
+
+
+def _stop(started: bool) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.delete(APP_NAME)
+        if started:
+            serve.shutdown()
+    finally:
+        if started:
+            ray.shutdown()

@@ -29,6 +29,7 @@ log = logging.getLogger("layerserve.cluster")
 REPLICA_HEADER = b"x-layerserve-replica"  # which replica answered (kept for the client with --debug)
 WORLD_HEADER = b"x-layerserve-replicas"  # how many replicas the deployment has (for fan-out)
 OWNER_HEADER = b"x-layerserve-owner"  # on a 421: the replica that holds the session
+PID_HEADER = b"x-layerserve-pid"  # the replica's process (kept for the client with --debug)
 MISDIRECTED = 421
 LOAD_POLL_S = 0.1
 
@@ -39,7 +40,6 @@ class EngineReplica:
 
         context = serve.get_replica_context()
         self.name = context.replica_id.to_full_id_str()
-        self.world_size = context.world_size
         self.app = build_app(engine_config, dataclasses.replace(server_config, replica=self.name))
         self.state = self.app.state.server
         self.lifespan = Lifespan(self.app)
@@ -54,7 +54,7 @@ class EngineReplica:
     def _headers(self) -> list[tuple[bytes, bytes]]:
         world = serve.get_replica_context().world_size
         return [(REPLICA_HEADER, self.name.encode()), (WORLD_HEADER, str(world).encode()),
-                (b"x-layerserve-pid", str(os.getpid()).encode())]
+                (PID_HEADER, str(os.getpid()).encode())]
 
     async def _owner_elsewhere(self, route: Route) -> str | None:
         """Adopt the route's session here if need be; the replica that holds it if another does."""

@@ -7,8 +7,8 @@ its `Route` (the call's first argument, see route.py).
 - place: the least-loaded replica, fewest sessions first among equal queues.
 - prefix: the replica that has seen the longest prefix of the prompt's text, unless its queue is
   longer than the shortest by more than `imbalance_threshold`; no useful match (under
-  `match_threshold` of the text): the replica that has seen the least text, so unrelated
-  prompts spread out.
+  `match_threshold` of the text): the replica that was given the fewest new prefixes, so
+  unrelated prompts are dealt out in turn (whatever one long conversation did before).
 - rank: the rank-th replica in id order (the ingress fans out over ranks).
 - any: least loaded.
 
@@ -24,6 +24,8 @@ import logging
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from layerserve.cluster.affinity import CHUNK_CHARS, PrefixIndex, SessionMap, chunk_keys
+from collections import Counter
+
 from layerserve.cluster.route import Route
 
 log = logging.getLogger("layerserve.cluster")
@@ -41,6 +43,7 @@ class AffinityRouter(RequestRouter):
         self.match_threshold = match_threshold
         self.prefixes = PrefixIndex(max_prefix_keys)
         self.sessions = SessionMap(max_sessions)
+        self.fresh: Counter[str] = Counter()  # prompts each replica got that it had seen no prefix of
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -69,14 +72,14 @@ class AffinityRouter(RequestRouter):
                          by_id: dict[str, RunningReplica]) -> list[list[RunningReplica]]:
         keys = chunk_keys(text)
         matched, holders = self.prefixes.match(keys, by_id)
-        least_seen = sorted(candidates, key=lambda r: self.prefixes.size(r.replica_id.to_full_id_str()))
+        fewest_fresh = sorted(candidates, key=lambda r: self.fresh[r.replica_id.to_full_id_str()])
         if not holders or matched * CHUNK_CHARS < self.match_threshold * len(text):
-            return [least_seen]
+            return [fewest_fresh]
         queues = await self._queue_lens(candidates)
         best = [by_id[h] for h in sorted(holders)]
         if queues and min(queues.get(r.replica_id, 0) for r in best) - min(queues.values()) > self.imbalance_threshold:
             return [sorted(candidates, key=lambda r: queues.get(r.replica_id, 0))]
-        return [best, [r for r in least_seen if r not in best]]
+        return [best, [r for r in fewest_fresh if r not in best]]
 
     async def _queue_lens(self, candidates: list[RunningReplica]) -> dict[ReplicaID, int]:
         """Each candidate's queue length: from Ray's cache, probing those it has none for."""
@@ -101,10 +104,14 @@ class AffinityRouter(RequestRouter):
         if route.kind in ("session", "place") and route.session_id:
             self.sessions.set(route.session_id, replica)
         elif route.kind == "prefix" and route.prefix:
-            self.prefixes.insert(chunk_keys(route.prefix), replica)
+            keys = chunk_keys(route.prefix)
+            if self.prefixes.match(keys, (replica,))[0] * CHUNK_CHARS < self.match_threshold * len(route.prefix):
+                self.fresh[replica] += 1
+            self.prefixes.insert(keys, replica)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         gone = set(self.curr_replicas) - {r.replica_id for r in replicas}
         super().update_replicas(replicas)
         for replica_id in gone:
             self.prefixes.remove(replica_id.to_full_id_str())
+            self.fresh.pop(replica_id.to_full_id_str(), None)

@@ -321,11 +321,13 @@ class Journal:
         data = _encode({"op": "snapshot", **snapshot})
         path = self.path(rec.id)
         with self._lock:
+            held = rec.id in self._owned  # already ours (adopted): a failed create must not drop it
             self._take(rec.id)
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except BaseException:
-                self._release(rec.id)
+                if not held:
+                    self._release(rec.id)
                 raise
             st = _Open(fd, 0, len(rec.pending), len(rec.durable), {f.fid for f in rec.flash})
             try:

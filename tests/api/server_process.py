@@ -38,7 +38,7 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_server(log_path: pathlib.Path, *extra: str) -> tuple[subprocess.Popen, Server]:
+def start_server(log_path: pathlib.Path, *extra: str, new_session: bool = False) -> tuple[subprocess.Popen, Server]:
     port = free_port()
     if "--session-dir" not in extra:  # session journals next to the log, never in the user's cache dir
         extra = ("--session-dir", str(log_path.parent / f"sessions-{port}"), *extra)
@@ -47,11 +47,13 @@ def start_server(log_path: pathlib.Path, *extra: str) -> tuple[subprocess.Popen,
            *extra]
     env = {**os.environ, "LAYERSERVE_API_KEY": ""}
     log = log_path.open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=new_session)
     server = Server(f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if new_session:
+                kill_session(proc.pid)
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
         try:
             if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
@@ -60,7 +62,35 @@ def start_server(log_path: pathlib.Path, *extra: str) -> tuple[subprocess.Popen,
             pass
         time.sleep(0.25)
     proc.kill()
+    if new_session:
+        kill_session(proc.pid)
     raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes in session `sid` (a server started with new_session=True, and all it started)."""
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(sid: int, grace_s: float = 10.0) -> None:
+    """Wait up to `grace_s` for session `sid`'s processes to exit, then SIGKILL those left."""
+    deadline = time.monotonic() + grace_s
+    while session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
 
 
 def stop_server(proc: subprocess.Popen) -> None:

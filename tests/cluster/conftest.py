@@ -1,0 +1,81 @@
+"""A real cluster for the cluster tests: `layerserve serve --replicas 2` on a Ray cluster it starts
+on this machine (loopback only, usage stats off), two replicas of the default model with one torch
+thread each, --debug (responses name the replica and its pid).
+
+Where Ray cannot start here the tests are skipped with the reason; under CI=true that is a failure.
+Every process of the cluster runs in the CLI's own session, and teardown kills what is left of it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "api"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "sessions"))
+from server_process import Server, kill_session, start_server  # noqa: E402
+
+REPLICAS = 2
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"the cluster tests cannot run here ({reason}); under CI=true that is a failure")
+    pytest.skip(reason)
+
+
+def stop_cluster(proc: subprocess.Popen) -> None:
+    """SIGTERM (the CLI deletes the app and stops Ray), then SIGKILL whatever of it is left."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    kill_session(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("cluster-sessions")
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_dir: pathlib.Path) -> Iterator[Server]:
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        unavailable("Ray Serve is not installed (pip install 'layerserve[cluster]')")
+    log = tmp_path_factory.mktemp("cluster") / "cluster.log"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    try:
+        proc, srv = start_server(log, "--replicas", str(REPLICAS), "--replica-threads", "1", "--debug",
+                                 "--session-dir", str(cluster_dir), "--max-sessions", "24",
+                                 "--kv-cache-memory", "256MiB", "--shutdown-timeout", "5", new_session=True)
+    except RuntimeError as exc:
+        text = str(exc)
+        if "ray" in text.lower() and "Traceback" in text and "layerserve/cluster" not in text:
+            unavailable(f"Ray could not start here: {text[-600:]}")
+        raise
+    try:
+        yield srv
+    finally:
+        stop_cluster(proc)
+
+
+@pytest.fixture(scope="session")
+def session_server(cluster: Server) -> Server:
+    """The cluster, under the name the session tests' fixtures use."""
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def ls(cluster: Server):
+    from layerscale import LayerScale
+
+    with LayerScale(cluster.base_url, timeout=300, max_retries=0) as client:
+        yield client
