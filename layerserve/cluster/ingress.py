@@ -32,12 +32,13 @@ from layerserve.api.errors import (BodyTooLargeError, EngineRequestError, ErrorS
                                    explain)
 from layerserve.cluster.merge import merge_metrics, merge_sessions, short_name
 from layerserve.cluster.relay import RelayRequest, RelayStart
-from layerserve.cluster.replica import MISDIRECTED, OWNER_HEADER, PID_HEADER, REPLICA_HEADER, WORLD_HEADER
+from layerserve.cluster.replica import (MISDIRECTED, ORDER_HEADER, OWNER_HEADER, PID_HEADER, REPLICA_HEADER,
+                                        WORLD_HEADER)
 from layerserve.cluster.route import SESSION_PATH, Route, route_for
 
 log = logging.getLogger("layerserve.cluster")
 
-INTERNAL_HEADERS = (REPLICA_HEADER, WORLD_HEADER, OWNER_HEADER, PID_HEADER)
+INTERNAL_HEADERS = (REPLICA_HEADER, WORLD_HEADER, OWNER_HEADER, PID_HEADER, ORDER_HEADER)
 SURFACES = ErrorSurfaces(((MESSAGES_PREFIX, anthropic_envelope),))
 
 
@@ -183,7 +184,10 @@ class Ingress:
             else:
                 await self._send_whole(send, refused.start.status, self._client_headers(refused.start), refused.body)
             return
-        body = merge_sessions([json.loads(a.body) for a in answers])
+        created_ms: dict[str, int] = {}
+        for a in answers:
+            created_ms.update(json.loads(a.start.header(ORDER_HEADER) or b"{}"))
+        body = merge_sessions([json.loads(a.body) for a in answers], created_ms)
         headers = [(b"content-type", b"application/json"), (b"x-layerserve-replicas-answered", str(len(answers)).encode())]
         if failed:
             headers.append((b"x-layerserve-replicas-unreachable", str(failed).encode()))

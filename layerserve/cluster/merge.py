@@ -60,10 +60,17 @@ def merge_metrics(pages: dict[str, str], extra: str = "") -> str:
     return "\n".join(lines) + "\n" + extra
 
 
-def merge_sessions(lists: list[dict[str, Any]]) -> dict[str, Any]:
-    """One `{"object": "list", "data": [...]}` from each replica's, oldest session first."""
+def merge_sessions(lists: list[dict[str, Any]], created_ms: dict[str, int] | None = None) -> dict[str, Any]:
+    """One `{"object": "list", "data": [...]}` from each replica's, in creation order: by the
+    sessions' creation milliseconds where known (the hidden key a single server sorts by), else
+    their `created` second, then id."""
+    created_ms = created_ms or {}
     seen: dict[str, dict[str, Any]] = {}
     for body in lists:
         for session in body.get("data", []):
             seen.setdefault(session["id"], session)
-    return {"object": "list", "data": sorted(seen.values(), key=lambda s: (s.get("created", 0), s["id"]))}
+
+    def key(s: dict[str, Any]) -> tuple[int, str]:
+        return created_ms.get(s["id"], s.get("created", 0) * 1000), s["id"]
+
+    return {"object": "list", "data": sorted(seen.values(), key=key)}

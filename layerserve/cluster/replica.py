@@ -30,6 +30,7 @@ REPLICA_HEADER = b"x-layerserve-replica"  # which replica answered (kept for the
 WORLD_HEADER = b"x-layerserve-replicas"  # how many replicas the deployment has (for fan-out)
 OWNER_HEADER = b"x-layerserve-owner"  # on a 421: the replica that holds the session
 PID_HEADER = b"x-layerserve-pid"  # the replica's process (kept for the client with --debug)
+ORDER_HEADER = b"x-layerserve-created-ms"  # on a session list: {id: creation ms}, the order's hidden key
 MISDIRECTED = 421
 LOAD_POLL_S = 0.1
 
@@ -74,9 +75,13 @@ class EngineReplica:
             yield json.dumps({"error": {"message": f"Session '{route.session_id}' is held by replica {owner}.",
                                         "type": "server_error", "param": None, "code": "session_elsewhere"}}).encode()
             return
+        extra = self._headers()
+        if req.method == "GET" and req.path == "/v1/sessions":  # the ingress merges lists in creation order
+            created = {s.id: s.created_ms for s in self.state.sessions.list()}
+            extra.append((ORDER_HEADER, json.dumps(created).encode()))
         async for item in run_http(self.app, req):
             if isinstance(item, RelayStart):
-                item = RelayStart(item.status, (*item.headers, *self._headers()))
+                item = RelayStart(item.status, (*item.headers, *extra))
             yield item
 
     async def ws(self, route: Route, conn_id: str, req: RelayRequest) -> AsyncIterator[dict]:

@@ -20,12 +20,11 @@ earlier entries first among equals.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from layerserve.cluster.affinity import CHUNK_CHARS, PrefixIndex, SessionMap, chunk_keys
-from collections import Counter
-
 from layerserve.cluster.route import Route
 
 log = logging.getLogger("layerserve.cluster")

@@ -447,6 +447,8 @@ class Journal:
         with self._lock:
             if sid in self._open:
                 return replay(_read_records(self.path(sid)))
+            if not self.path(sid).is_file():  # no journal: no lock taken (nor a lock file left behind)
+                return None
             self._take(sid)
             try:
                 (self.directory / (sid + TMP_SUFFIX)).unlink(missing_ok=True)  # a compaction cut short

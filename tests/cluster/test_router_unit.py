@@ -171,22 +171,46 @@ async def test_queue_lengths_missing_from_the_cache_are_probed():
     assert r.probes == [["bbb", "ccc"]]
 
 
-async def test_unrelated_prompt_goes_to_the_replica_that_saw_least():
+async def test_unrelated_prompt_goes_to_the_replica_given_fewest_new_prefixes():
     r = Router()
-    r.routed(Route("prefix", prefix=chat("a" * (6 * CHUNK_CHARS))), r.a)
-    r.routed(Route("prefix", prefix=chat("b" * (2 * CHUNK_CHARS))), r.b)
-    r.routed(Route("prefix", prefix=chat("c" * (4 * CHUNK_CHARS))), r.c)
-    assert await r.choose(Route("prefix", prefix=chat("z" * (5 * CHUNK_CHARS)))) == [["bbb", "ccc", "aaa"]]
+    # a: one long conversation, extended twice (one new prefix, a lot of text)
+    turns = [chat("a" * (6 * CHUNK_CHARS)), chat("a" * (6 * CHUNK_CHARS), LONG_A),
+             chat("a" * (6 * CHUNK_CHARS), LONG_A, LONG_Q)]
+    for text in turns:
+        r.routed(Route("prefix", prefix=text), r.a)
+    # b: three unrelated short prompts; c: two
+    for ch in "bde":
+        r.routed(Route("prefix", prefix=chat(ch * (2 * CHUNK_CHARS))), r.b)
+    for ch in "fg":
+        r.routed(Route("prefix", prefix=chat(ch * (2 * CHUNK_CHARS))), r.c)
+    assert dict(r.router.fresh) == {rid(r.a): 1, rid(r.b): 3, rid(r.c): 2}
+    assert r.router.prefixes.size(rid(r.a)) > r.router.prefixes.size(rid(r.b))  # a saw the most text
+    assert await r.choose(Route("prefix", prefix=chat("z" * (5 * CHUNK_CHARS)))) == [["aaa", "ccc", "bbb"]]
     assert r.probes == []
+
+
+async def test_unrelated_prompts_are_dealt_out_in_turn():
+    r = Router()
+    got = []
+    for ch in "pqrstu":
+        route = Route("prefix", prefix=chat(ch * (3 * CHUNK_CHARS)))
+        first = (await r.choose(route))[0][0]
+        got.append(first)
+        r.routed(route, next(x for x in r.replicas if x.replica_id.unique_id == first))
+    assert got == ["aaa", "bbb", "ccc", "aaa", "bbb", "ccc"]
 
 
 async def test_a_match_too_short_for_the_prompt_counts_as_none():
     r = Router()
     r.routed(Route("prefix", prefix=chat("q" * (2 * CHUNK_CHARS))), r.a)  # a saw a short prefix
-    r.routed(Route("prefix", prefix=chat("y" * (1 * CHUNK_CHARS))), r.b)
+    for ch in "yw":
+        r.routed(Route("prefix", prefix=chat(ch * CHUNK_CHARS)), r.b)
     # the new prompt starts with all of a's text, but that is under a tenth of it
     long = chat("q" * (2 * CHUNK_CHARS) + "r" * (40 * CHUNK_CHARS))
-    assert await r.choose(Route("prefix", prefix=long)) == [["ccc", "bbb", "aaa"]]
+    assert await r.choose(Route("prefix", prefix=long)) == [["ccc", "aaa", "bbb"]]
+    # and being sent it counts as a new prefix for its replica
+    r.routed(Route("prefix", prefix=long), r.a)
+    assert r.router.fresh[rid(r.a)] == 2
 
 
 async def test_on_request_routed_records_sessions_and_prefixes():
@@ -200,3 +224,6 @@ async def test_on_request_routed_records_sessions_and_prefixes():
     r.routed(Route("prefix", prefix=text), r.c)
     assert r.router.prefixes.size(rid(r.c)) == len(text) // CHUNK_CHARS
     assert r.router.prefixes.size(rid(r.a)) == 0
+    assert dict(r.router.fresh) == {rid(r.c): 1}
+    r.routed(Route("prefix", prefix=chat(LONG_Q, LONG_A)), r.c)  # extends what c saw: not new
+    assert dict(r.router.fresh) == {rid(r.c): 1}
