@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -162,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--route-imbalance", type=_nonnegative_float, default=_CLUSTER.imbalance_threshold,
                          help="prefix affinity gives way to the least-loaded replica when the preferred one has "
                               "this many more requests in flight than it")
+    cluster.add_argument("--max-replicas", type=_positive_int, default=None,
+                         help="let Ray Serve autoscale the engine between --replicas and this many replicas, on "
+                              "requests in flight (--target-ongoing per replica); sessions move only with their "
+                              "journals")
+    cluster.add_argument("--target-ongoing", type=_positive_float, default=_CLUSTER.target_ongoing,
+                         help="with --max-replicas: requests in flight per replica the autoscaler aims for")
     cluster.add_argument("--detach", action="store_true",
                          help="with --ray-address: deploy (or update a running deployment, e.g. its --replicas) "
                               "and exit, leaving it running on the cluster")
@@ -236,10 +243,9 @@ def serve(args: argparse.Namespace) -> int:
 def _serve_cluster(args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig) -> int:
     from layerserve.api.state import session_dir
 
-    try:
-        from layerserve.cluster.launch import serve_cluster
-        import ray  # noqa: F401
-    except ImportError:
+    from layerserve.cluster.launch import serve_cluster
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         print("layerserve: --replicas needs Ray Serve: pip install 'layerserve[cluster]'", file=sys.stderr)
         return 2
     if args.detach and not args.ray_address:
@@ -248,7 +254,8 @@ def _serve_cluster(args: argparse.Namespace, engine_config: EngineConfig, server
     # every replica reads and writes the same journals: one absolute directory for all of them
     server_config = dataclasses.replace(server_config, session_dir=str(session_dir(server_config).resolve()))
     cluster = ClusterConfig(replicas=args.replicas, ray_address=args.ray_address, replica_threads=args.replica_threads,
-                            router=args.router, imbalance_threshold=args.route_imbalance, detach=args.detach)
+                            router=args.router, imbalance_threshold=args.route_imbalance, detach=args.detach,
+                            max_replicas=args.max_replicas, target_ongoing=args.target_ongoing)
     return serve_cluster(engine_config, server_config, cluster)
 
 

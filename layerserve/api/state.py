@@ -177,7 +177,8 @@ class ServerState:
         from layerserve.sessions.store import SessionStore
 
         directory = session_dir(self.config)
-        store = SessionStore(rt, Journal(directory, owner=self.config.replica), max_sessions=self.config.max_sessions,
+        journal = Journal(directory, owner=self.config.replica)  # a cluster's replica locks what it holds
+        store = SessionStore(rt, journal, max_sessions=self.config.max_sessions,
                              ttl=self.config.session_ttl, metrics=self.metrics)
         restored = await rt.offload(store.restore)
         store.start()

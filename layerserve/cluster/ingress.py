@@ -132,6 +132,12 @@ class Ingress:
             self.failures += 1
             await self._send_error(send, req.path, _unavailable(exc))
             return
+        if start.status == MISDIRECTED:  # still not the holder: it is held where the router cannot reach
+            stream.cancel()
+            self.failures += 1
+            await self._send_error(send, req.path, ReplicaUnavailableError(
+                f"The replica holding session '{route.session_id}' cannot be reached; retry shortly."))
+            return
         self._count(start, route)
         await send({"type": "http.response.start", "status": start.status, "headers": self._client_headers(start)})
         tail = b""
@@ -188,7 +194,8 @@ class Ingress:
         for a in answers:
             created_ms.update(json.loads(a.start.header(ORDER_HEADER) or b"{}"))
         body = merge_sessions([json.loads(a.body) for a in answers], created_ms)
-        headers = [(b"content-type", b"application/json"), (b"x-layerserve-replicas-answered", str(len(answers)).encode())]
+        headers = [(b"content-type", b"application/json"),
+                   (b"x-layerserve-replicas-answered", str(len(answers)).encode())]
         if failed:
             headers.append((b"x-layerserve-replicas-unreachable", str(failed).encode()))
         await self._send_whole(send, 200, headers, json.dumps(body, separators=(",", ":")).encode())
@@ -210,9 +217,11 @@ class Ingress:
         lines += [f'layerserve:routed_requests_total{{replica="{short_name(r)}",route="{kind}"}} {n}'
                   for (r, kind), n in sorted(self.routed.items())]
         lines += ["# HELP layerserve:route_redirects_total Session requests sent on to the replica holding the session",
-                  "# TYPE layerserve:route_redirects_total counter", f"layerserve:route_redirects_total {self.redirects}",
+                  "# TYPE layerserve:route_redirects_total counter",
+                  f"layerserve:route_redirects_total {self.redirects}",
                   "# HELP layerserve:replica_failures_total Requests whose replica died or could not be reached",
-                  "# TYPE layerserve:replica_failures_total counter", f"layerserve:replica_failures_total {self.failures}"]
+                  "# TYPE layerserve:replica_failures_total counter",
+                  f"layerserve:replica_failures_total {self.failures}"]
         return "\n".join(lines) + "\n"
 
     def _count(self, start: RelayStart, route: Route) -> None:
@@ -240,7 +249,7 @@ class Ingress:
         if match is None or not scope["path"].endswith("/ws"):
             await send({"type": "websocket.close", "code": 1008})
             return
-        route = Route("session", session_id=match.group(1))
+        route = Route("session", session_id=match.group(1), load=False)
         req = RelayRequest("websocket", "GET", scope["path"], scope.get("query_string", b""),
                            tuple((bytes(k), bytes(v)) for k, v in scope["headers"]), b"",
                            tuple(scope["client"]) if scope.get("client") else None,
@@ -248,7 +257,7 @@ class Ingress:
         conn_id = uuid.uuid4().hex
         try:
             stream, replica = await self._open_socket(route, conn_id, req)
-        except (RayError, StopAsyncIteration):
+        except (RayError, StopAsyncIteration, ReplicaUnavailableError):
             self.failures += 1
             await send({"type": "websocket.close", "code": 1011, "reason": "replica unavailable"})
             return

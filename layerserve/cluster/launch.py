@@ -33,8 +33,10 @@ class ClusterConfig:
     ray_address: str | None = None  # None: start Ray on this machine
     replica_threads: int = 1  # torch threads (and Ray CPUs) per replica
     router: str = "affinity"  # or "power-of-two" (Ray's default router)
-    imbalance_threshold: float = 4.0  # prefix affinity yields to the least loaded past this queue difference
+    imbalance_threshold: float = 2.0  # prefix affinity yields to the least loaded past this queue difference
     detach: bool = False  # deploy and exit, leaving the application running on the cluster
+    max_replicas: int | None = None  # above `replicas`: Ray Serve autoscales between them on requests in flight
+    target_ongoing: float = 8.0  # requests in flight per replica the autoscaler aims for
 
 
 def build_application(engine: EngineConfig, server: ServerConfig, cluster: ClusterConfig):
@@ -52,33 +54,40 @@ def build_application(engine: EngineConfig, server: ServerConfig, cluster: Clust
         router = RequestRouterConfig(request_router_class=AffinityRouter,
                                      request_router_kwargs={"imbalance_threshold": cluster.imbalance_threshold})
     engine = dataclasses.replace(engine, num_threads=cluster.replica_threads)
-    options = dict(name="engine", num_replicas=cluster.replicas, max_ongoing_requests=MAX_ONGOING,
+    logs = {"log_level": server.log_level.upper(), "enable_access_log": server.log_level == "debug"}
+    options = dict(name="engine", num_replicas=cluster.replicas, max_ongoing_requests=MAX_ONGOING, logging_config=logs,
                    ray_actor_options={"num_cpus": cluster.replica_threads}, health_check_period_s=2.0,
                    health_check_timeout_s=30.0, graceful_shutdown_timeout_s=server.shutdown_timeout)
     if router is not None:
         options["request_router_config"] = router
+    if cluster.max_replicas is not None and cluster.max_replicas > cluster.replicas:
+        del options["num_replicas"]
+        options["autoscaling_config"] = {"min_replicas": cluster.replicas, "max_replicas": cluster.max_replicas,
+                                         "initial_replicas": cluster.replicas,
+                                         "target_ongoing_requests": cluster.target_ongoing}
     replicas = serve.deployment(EngineReplica, **options).bind(engine, server)
     settings = IngressSettings(debug=server.debug, max_body_bytes=server.max_body_bytes)
     ingress = serve.deployment(ingress_deployment(settings), name="ingress", num_replicas=1,
                                max_ongoing_requests=MAX_ONGOING * max(cluster.replicas, 1),
-                               ray_actor_options={"num_cpus": 0})
+                               ray_actor_options={"num_cpus": 0}, logging_config=logs)
     return ingress.bind(replicas)
 
 
 def start_ray(server: ServerConfig, cluster: ClusterConfig) -> bool:
-    """Connect to the cluster, or start one here (True when this process started it)."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if cluster.ray_address:
-        ray.init(address=cluster.ray_address, logging_level=logging.WARNING)
-        return False
+    """Connect to the cluster, or start one here (True when this process started it). Before Ray is
+    imported: it reads these settings from the environment at import."""
     from layerserve.cli import is_loopback
 
-    if is_loopback(server.host):
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not cluster.ray_address and is_loopback(server.host):
         # a cluster of this machine alone: Ray's processes talk over 127.0.0.1 (ray.init maps a loopback
         # node address to the host's own; with clusters off it keeps the node on the loopback address)
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    if cluster.ray_address:
+        ray.init(address=cluster.ray_address, logging_level=logging.WARNING)
+        return False
     cpus = max(os.cpu_count() or 1, cluster.replicas * cluster.replica_threads)
     ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True

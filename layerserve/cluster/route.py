@@ -28,6 +28,7 @@ class Route:
     prefix: str = ""
     rank: int = 0
     pin: str | None = None
+    load: bool = True  # counts as load while in flight (not a stream that mostly waits: events, a socket)
 
 
 def new_session_id() -> str:
@@ -42,7 +43,7 @@ def route_for(method: str, path: str, headers: dict[str, str], body: bytes) -> t
         return Route("session", session_id=header), body
     match = SESSION_PATH.fullmatch(path)
     if match:
-        return Route("session", session_id=match.group(1)), body
+        return Route("session", session_id=match.group(1), load=not path.endswith("/events")), body
     if path == "/v1/sessions" and method == "POST":
         doc = _json(body)
         if isinstance(doc, dict):

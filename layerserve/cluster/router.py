@@ -12,9 +12,10 @@ its `Route` (the call's first argument, see route.py).
 - rank: the rank-th replica in id order (the ingress fans out over ranks).
 - any: least loaded.
 
-A ranked list goes back to Ray: within a rank Ray's base router takes the replica with the
-shortest queue that has room (probing queue lengths as it does for its power-of-two router),
-earlier entries first among equals.
+Load is the requests in flight that this router sent to each replica (counted from routing to
+completion, so a burst of requests sees its own effect at once; streams that only wait, events and
+sockets, do not count). The answer to Ray is one replica per rank, in order of preference; Ray's
+base router takes the first that has room.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class AffinityRouter(RequestRouter):
         self.prefixes = PrefixIndex(max_prefix_keys)
         self.sessions = SessionMap(max_sessions)
         self.fresh: Counter[str] = Counter()  # prompts each replica got that it had seen no prefix of
+        # requests in flight per replica, as this router sent them (exact and immediate, where Ray's
+        # queue-length cache lags a burst); streams that only wait (events, sockets) do not count
+        self.inflight: Counter[str] = Counter()
+        self._open: dict[str, str] = {}  # internal request id -> replica, of the counted ones
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -62,44 +67,33 @@ class AffinityRouter(RequestRouter):
                 return [[owner]]
         if route.kind in ("session", "place"):
             counts = self.sessions.counts()
-            return [sorted(candidate_replicas, key=lambda r: counts.get(r.replica_id.to_full_id_str(), 0))]
+            return self._ranked(by_id, lambda r: (self.inflight[r], counts.get(r, 0)))
         if route.kind == "prefix" and route.prefix:
-            return await self._by_prefix(route.prefix, candidate_replicas, by_id)
-        return [candidate_replicas]
+            return self._by_prefix(route.prefix, by_id)
+        return self._ranked(by_id, lambda r: (self.inflight[r], self.fresh[r]))
 
-    async def _by_prefix(self, text: str, candidates: list[RunningReplica],
-                         by_id: dict[str, RunningReplica]) -> list[list[RunningReplica]]:
+    def _by_prefix(self, text: str, by_id: dict[str, RunningReplica]) -> list[list[RunningReplica]]:
         keys = chunk_keys(text)
         matched, holders = self.prefixes.match(keys, by_id)
-        fewest_fresh = sorted(candidates, key=lambda r: self.fresh[r.replica_id.to_full_id_str()])
         if not holders or matched * CHUNK_CHARS < self.match_threshold * len(text):
-            return [fewest_fresh]
-        queues = await self._queue_lens(candidates)
-        best = [by_id[h] for h in sorted(holders)]
-        if queues and min(queues.get(r.replica_id, 0) for r in best) - min(queues.values()) > self.imbalance_threshold:
-            return [sorted(candidates, key=lambda r: queues.get(r.replica_id, 0))]
-        return [best, [r for r in fewest_fresh if r not in best]]
+            return self._ranked(by_id, lambda r: (self.inflight[r], self.fresh[r]))
+        best = min(holders, key=lambda r: (self.inflight[r], r))
+        if self.inflight[best] - min(self.inflight[r] for r in by_id) > self.imbalance_threshold:
+            return self._ranked(by_id, lambda r: (self.inflight[r], r not in holders))
+        return [[by_id[best]], *self._ranked({r: v for r, v in by_id.items() if r != best},
+                                             lambda r: (r not in holders, self.inflight[r]))]
 
-    async def _queue_lens(self, candidates: list[RunningReplica]) -> dict[ReplicaID, int]:
-        """Each candidate's queue length: from Ray's cache, probing those it has none for."""
-        cache = self.replica_queue_len_cache
-        lens: dict[ReplicaID, int] = {}
-        missing = []
-        for r in candidates:
-            n = cache.get(r.replica_id)
-            if n is None:
-                missing.append(r)
-            else:
-                lens[r.replica_id] = n
-        if missing:
-            for r, n in await self._probe_queue_lens(missing, 0):
-                if n is not None:
-                    lens[r.replica_id] = n
-        return lens
+    @staticmethod
+    def _ranked(by_id: dict[str, RunningReplica], key) -> list[list[RunningReplica]]:
+        """One replica per rank, in order of `key` (by replica name); Ray tries them in turn."""
+        return [[by_id[r]] for r in sorted(by_id, key=lambda r: (key(r), r))]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         route = route_of(pending_request)
         replica = replica_id.to_full_id_str()
+        if route.load and pending_request is not None:
+            self._open[pending_request.metadata.internal_request_id] = replica
+            self.inflight[replica] += 1
         if route.kind in ("session", "place") and route.session_id:
             self.sessions.set(route.session_id, replica)
         elif route.kind == "prefix" and route.prefix:
@@ -108,9 +102,15 @@ class AffinityRouter(RequestRouter):
                 self.fresh[replica] += 1
             self.prefixes.insert(keys, replica)
 
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        replica = self._open.pop(internal_request_id, None)
+        if replica is not None:
+            self.inflight[replica] -= 1
+
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         gone = set(self.curr_replicas) - {r.replica_id for r in replicas}
         super().update_replicas(replicas)
         for replica_id in gone:
             self.prefixes.remove(replica_id.to_full_id_str())
             self.fresh.pop(replica_id.to_full_id_str(), None)
+            self.inflight.pop(replica_id.to_full_id_str(), None)

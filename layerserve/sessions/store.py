@@ -1,11 +1,10 @@
-"""The live sessions of one server: create, look up, list, delete, expire, restore.
-
-Sessions are restored from their journals at start-up (their KV is recomputed on first use: the
-engine holds nothing for them until a request runs on one). A replica of a cluster, whose journal
-has an owner, restores none at start-up: it adopts a session from the shared directory when a
-request first names it (`adopt`), and the journal's lock keeps two replicas from both holding it. A session nobody names for
-`ttl` seconds is deleted as DELETE would delete it, never while a request, pending data or an
-event stream is on it.
+"""The live sessions of one server: create, look up, list, delete, expire, restore. Sessions are
+restored from their journals at start-up (their KV is recomputed on first use: the engine holds
+nothing for them until a request runs on one). A replica of a cluster, whose journal has an
+owner, restores none at start-up: it adopts a session from the shared directory when a request
+first names it (`adopt`), and the journal's lock keeps two replicas from both holding it. A
+session nobody names for `ttl` seconds is deleted as DELETE would delete it, never while a
+request, pending data or an event stream is on it.
 """
 
 from __future__ import annotations

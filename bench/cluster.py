@@ -1,0 +1,160 @@
+"""Scale-out benchmark: the agentic multi-session workload through a cluster of 1 replica, 2
+replicas with layerserve's affinity router, and 2 replicas with Ray Serve's default
+power-of-two router, each `layerserve serve --replicas N` on a loopback Ray cluster of this
+machine, in the same run.
+
+The workload (bench/multiturn.py's agentic): S parallel sessions x T turns sharing one
+tool-definition system prompt, each turn appending the reply and a tool result, streamed through
+the OpenAI SDK. Reported per setup (median over rounds; each round new sessions): wall time, TTFT
+p50/p95, and the prefix-cache hit rate (cached / prompt tokens, as the responses report them).
+The same CPU budget everywhere: 1 replica runs 2 torch threads, 2 replicas run 1 each.
+
+    .venv/bin/python bench/cluster.py [--sessions 8] [--turns 8] [--rounds 2] [--out bench/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pathlib
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+
+from openai import OpenAI
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from common import cpu_model_name  # noqa: E402
+from multiturn import TOPICS, chat_turn, pct, tool_prompt  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SETUPS = {  # name -> serve flags
+    "1 replica (2 threads)": ["--replicas", "1", "--replica-threads", "2"],
+    "2 replicas, affinity router": ["--replicas", "2", "--replica-threads", "1", "--router", "affinity"],
+    "2 replicas, Ray power-of-two": ["--replicas", "2", "--replica-threads", "1", "--router", "power-of-two"],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def cluster(flags: list[str], log: pathlib.Path, session_dir: pathlib.Path):
+    """A cluster on a free port, in a session of its own (so nothing of Ray outlives it); yields /v1."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "layerserve.cli", "serve", "--port", str(port), "--log-level", "warning",
+           "--session-dir", str(session_dir), "--shutdown-timeout", "5", *flags]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"cluster did not start ({' '.join(flags)}); see {log}")
+            with contextlib.suppress(Exception), urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+            time.sleep(0.5)
+        yield url + "/v1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        for pid in _session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def workload(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens: int, result_chars: int,
+             salt: str) -> tuple[float, list[float], int, int]:
+    """(wall seconds, TTFT of every turn, cached prompt tokens, prompt tokens)."""
+    ttfts: list[float] = []
+    totals = [0, 0]
+    lock = threading.Lock()
+    filler = ("humidity, wind and cloud cover by hour; " * (result_chars // 40 + 1))[:result_chars]
+
+    def session(s: int) -> None:
+        client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+        messages = [{"role": "system", "content": tool_prompt(num_tools)},
+                    {"role": "user", "content": f"Plan a trip for traveller {s} ({salt}): check the weather in "
+                                                f"{TOPICS[s % len(TOPICS)]}ville."}]
+        for k in range(turns):
+            ttft, reply, (cached, prompt) = chat_turn(client, messages, max_tokens)
+            with lock:
+                ttfts.append(ttft)
+                totals[0] += cached
+                totals[1] += prompt
+            messages.append({"role": "assistant", "content": reply})
+            messages.append({"role": "user", "content": f'Tool result: {{"tool": "tool_{k}", "temp": {10 + k}, '
+                                                        f'"report": "{filler}"}}'})
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=session, args=(s,)) for s in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, ttfts, totals[0], totals[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--tools", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--result-chars", type=int, default=400, help="size of each tool result appended")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[tuple[float, float, float, float]]] = {}
+    for name, flags in SETUPS.items():
+        print(f"# {name}: starting", file=sys.stderr, flush=True)
+        tag = uuid.uuid4().hex[:8]
+        with cluster(flags, args.out / f"cluster-{tag}.log", args.out / f"cluster-sessions-{tag}") as url:
+            chat_turn(OpenAI(base_url=url, api_key="bench"), [{"role": "user", "content": "warm up"}], 4)
+            for r in range(args.rounds):
+                wall, ttfts, cached, prompt = workload(url, args.sessions, args.turns, args.tools, args.max_tokens,
+                                                       args.result_chars, f"{tag}-{r}")
+                row = (wall, pct(ttfts, 0.5) * 1000, pct(ttfts, 0.95) * 1000, cached / max(prompt, 1))
+                print(f"# {name} round {r}: wall {row[0]:.1f}s, TTFT p50 {row[1]:.0f} ms, p95 {row[2]:.0f} ms, "
+                      f"hit rate {row[3]:.1%}", file=sys.stderr, flush=True)
+                rows.setdefault(name, []).append(row)
+    lines = [f"Agentic workload: {args.sessions} sessions x {args.turns} turns, a shared {args.tools}-tool prompt, "
+             f"{args.result_chars}-char tool results, {args.max_tokens} tokens per reply; median of {args.rounds} "
+             f"rounds; {cpu_model_name()}, {os.cpu_count()} CPUs", "",
+             "| setup | wall s | TTFT p50 ms | TTFT p95 ms | prefix-cache hit rate |", "|---|---|---|---|---|"]
+    for name, values in rows.items():
+        wall, p50, p95, hit = (statistics.median(col) for col in zip(*values))
+        lines.append(f"| {name} | {wall:.1f} | {p50:.0f} | {p95:.0f} | {hit:.1%} |")
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "cluster.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
