@@ -141,11 +141,22 @@ class KVCacheManager:
                 continue  # already indexed (shared prefix or indexed on an earlier step)
             if h in self._cached:
                 continue  # an identical block (or a colliding key) is indexed already; this copy stays private
-            parent = None if b == 0 else (block_table[b - 1], self._incarnation[block_table[b - 1]])
+            parent = None if b == 0 else self._parent_of(block_table[b - 1], hashes[b - 1],
+                                                         token_ids[(b - 1) * bs:b * bs])
             self._hash[block] = h
             self._content[block] = (parent, tuple(token_ids[b * bs:(b + 1) * bs]))
             self._cached[h] = block
         return num_full
+
+    def _parent_of(self, block: int, key: bytes, tokens: Sequence[int]) -> tuple[int, int]:
+        """What a lookup finds before the next block: the indexed block for `key` when it holds
+        these tokens (the copy the cache knows; `block` itself may be a private duplicate computed
+        beside it, which no lookup reaches), else `block`."""
+        indexed = self._cached.get(key)
+        if indexed is not None and indexed != block and self._content[indexed] is not None \
+                and self._content[indexed][1] == tuple(tokens):
+            block = indexed
+        return block, self._incarnation[block]
 
     # ---- allocation ----------------------------------------------------------------------
     def allocate(self, count: int) -> list[int]:

@@ -163,3 +163,29 @@ def test_a_reincarnated_parent_invalidates_its_old_children():
     kv.free([p])
     kv.free([q])
     assert kv.match_prefix([1, 2, 3, 4, 5, 6, 7, 8, 9], []) == [p]  # q was computed after the old p
+
+
+def test_blocks_after_a_duplicate_computed_beside_its_twin_stay_reachable():
+    """Two requests share a prefix and run at once: B is admitted while A has indexed only part of
+    it, so B computes its own copies of A's later prefix blocks (duplicates, kept private) and then
+    its own blocks. B's own blocks must chain to the copies a lookup finds (A's), or B's next turn
+    would find only the shared prefix (what agents running in parallel saw)."""
+    kv = KVCacheManager(num_blocks=32, block_size=BS)
+    shared = list(range(100, 116))  # 4 blocks
+    a_tokens = shared + [1] * 8
+    a_hashes: list[bytes] = []
+    a_table = kv.allocate(kv.blocks_needed(len(a_tokens)))
+    kv.cache_full_blocks(a_table, a_tokens, 8, a_hashes)  # A's first chunk: 2 blocks indexed
+    b_tokens = shared + [2] * 8
+    b_hashes: list[bytes] = []
+    b_hit = kv.match_prefix(b_tokens, b_hashes)
+    assert b_hit == a_table[:2]
+    b_table = b_hit + kv.allocate(kv.blocks_needed(len(b_tokens)) - len(b_hit))
+    start = kv.cache_full_blocks(a_table, a_tokens, len(a_tokens), a_hashes, 2)  # A finishes first
+    assert start == 6
+    kv.cache_full_blocks(b_table, b_tokens, len(b_tokens), b_hashes)  # blocks 2, 3 duplicate A's
+    kv.free(a_table)
+    kv.free(b_table)
+    follow_up = b_tokens + [3] * 5  # B's next turn
+    hit = kv.match_prefix(follow_up, [])
+    assert hit == a_table[:4] + b_table[4:6], (hit, a_table, b_table)
