@@ -7,7 +7,8 @@ The workload (bench/multiturn.py's agentic): S parallel sessions x T turns shari
 tool-definition system prompt, each turn appending the reply and a tool result, streamed through
 the OpenAI SDK. Reported per setup (median over rounds; each round new sessions): wall time, TTFT
 p50/p95, and the prefix-cache hit rate (cached / prompt tokens, as the responses report them).
-The same CPU budget everywhere: 1 replica runs 2 torch threads, 2 replicas run 1 each.
+The same CPU budget everywhere: 1 replica runs 2 torch threads, 2 replicas run 1 each; every
+replica has the default 1 GiB KV pool. A short warm-up workload runs first on each cluster.
 
     .venv/bin/python bench/cluster.py [--sessions 8] [--turns 8] [--rounds 2] [--out bench/out]
 """
@@ -126,7 +127,7 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--tools", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--result-chars", type=int, default=400, help="size of each tool result appended")
+    p.add_argument("--result-chars", type=int, default=1000, help="size of each tool result appended")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
@@ -136,7 +137,7 @@ def main() -> None:
         print(f"# {name}: starting", file=sys.stderr, flush=True)
         tag = uuid.uuid4().hex[:8]
         with cluster(flags, args.out / f"cluster-{tag}.log", args.out / f"cluster-sessions-{tag}") as url:
-            chat_turn(OpenAI(base_url=url, api_key="bench"), [{"role": "user", "content": "warm up"}], 4)
+            workload(url, 4, 2, args.tools, 4, 200, f"{tag}-warm-up")  # every replica's kernels and plans warm
             for r in range(args.rounds):
                 wall, ttfts, cached, prompt = workload(url, args.sessions, args.turns, args.tools, args.max_tokens,
                                                        args.result_chars, f"{tag}-{r}")

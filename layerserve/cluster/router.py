@@ -21,7 +21,9 @@ base router takes the first that has room.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
+from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -29,6 +31,21 @@ from layerserve.cluster.affinity import CHUNK_CHARS, PrefixIndex, SessionMap, ch
 from layerserve.cluster.route import Route
 
 log = logging.getLogger("layerserve.cluster")
+
+
+SWEEP_EVERY = 256
+UNROUTED_TTL_S = 60.0
+
+
+@dataclass(slots=True)
+class Placement:
+    """Where the router counted a request: in flight (`load`) and, `fresh`, as a new prefix."""
+
+    replica: str
+    load: bool
+    fresh: bool
+    at: float
+    routed: bool = False
 
 
 def route_of(pending_request: PendingRequest | None) -> Route:
@@ -47,14 +64,26 @@ class AffinityRouter(RequestRouter):
         # requests in flight per replica, as this router sent them (exact and immediate, where Ray's
         # queue-length cache lags a burst); streams that only wait (events, sockets) do not count
         self.inflight: Counter[str] = Counter()
-        self._open: dict[str, str] = {}  # internal request id -> replica, of the counted ones
+        self._placed: dict[str, Placement] = {}  # internal request id -> where it was counted
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        """The ranked replicas for a request. The first choice is counted at once (in flight, and
+        as holding the prompt's prefix or the session), as if the request were sent there: the
+        requests of a burst are chosen before any of them is routed, and must see each other.
+        on_request_routed corrects the count where Ray sent the request elsewhere."""
         if not candidate_replicas:
             return []
         route = route_of(pending_request)
-        by_id = {r.replica_id.to_full_id_str(): r for r in candidate_replicas}
+        request_id = pending_request.metadata.internal_request_id if pending_request is not None else None
+        if request_id is not None:
+            self._unplace(request_id)  # a second try for the same request: choose without its own count
+        ranks = self._choose(route, {r.replica_id.to_full_id_str(): r for r in candidate_replicas})
+        if request_id is not None and ranks:
+            self._place(request_id, route, ranks[0][0].replica_id.to_full_id_str())
+        return ranks
+
+    def _choose(self, route: Route, by_id: dict[str, RunningReplica]) -> list[list[RunningReplica]]:
         pinned = by_id.get(route.pin) if route.pin else None
         if pinned is not None:
             return [[pinned]]
@@ -88,24 +117,47 @@ class AffinityRouter(RequestRouter):
         """One replica per rank, in order of `key` (by replica name); Ray tries them in turn."""
         return [[by_id[r]] for r in sorted(by_id, key=lambda r: (key(r), r))]
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
-        route = route_of(pending_request)
-        replica = replica_id.to_full_id_str()
-        if route.load and pending_request is not None:
-            self._open[pending_request.metadata.internal_request_id] = replica
-            self.inflight[replica] += 1
+    def _place(self, request_id: str, route: Route, replica: str) -> None:
+        """Count the request on `replica` (replacing an earlier count of it)."""
+        self._unplace(request_id)
+        fresh = False
         if route.kind in ("session", "place") and route.session_id:
             self.sessions.set(route.session_id, replica)
         elif route.kind == "prefix" and route.prefix:
             keys = chunk_keys(route.prefix)
-            if self.prefixes.match(keys, (replica,))[0] * CHUNK_CHARS < self.match_threshold * len(route.prefix):
-                self.fresh[replica] += 1
+            fresh = self.prefixes.match(keys, (replica,))[0] * CHUNK_CHARS < self.match_threshold * len(route.prefix)
             self.prefixes.insert(keys, replica)
+        self.fresh[replica] += fresh
+        self.inflight[replica] += route.load
+        self._placed[request_id] = Placement(replica, route.load, fresh, time.monotonic())
+        if len(self._placed) % SWEEP_EVERY == 0:
+            self._sweep()
+
+    def _unplace(self, request_id: str) -> None:
+        """Take back a choice (the request went elsewhere, or is chosen for again)."""
+        placed = self._placed.pop(request_id, None)
+        if placed is not None:
+            self.inflight[placed.replica] -= placed.load
+            self.fresh[placed.replica] -= placed.fresh
+
+    def _sweep(self) -> None:
+        """Forget counts of requests chosen but never routed (cancelled while Ray routed them)."""
+        old = time.monotonic() - UNROUTED_TTL_S
+        for request_id in [r for r, p in self._placed.items() if not p.routed and p.at < old]:
+            self._unplace(request_id)
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        request_id = pending_request.metadata.internal_request_id
+        replica = replica_id.to_full_id_str()
+        placed = self._placed.get(request_id)
+        if placed is None or placed.replica != replica:
+            self._place(request_id, route_of(pending_request), replica)
+        self._placed[request_id].routed = True
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        replica = self._open.pop(internal_request_id, None)
-        if replica is not None:
-            self.inflight[replica] -= 1
+        placed = self._placed.pop(internal_request_id, None)
+        if placed is not None:
+            self.inflight[placed.replica] -= placed.load
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         gone = set(self.curr_replicas) - {r.replica_id for r in replicas}

@@ -52,11 +52,15 @@ class Router:
         self.router = AffinityRouter.__new__(AffinityRouter)
         self.router.initialize_state(imbalance_threshold=threshold)
 
-    async def choose(self, route: Route | None, candidates: list[FakeReplica] | None = None) -> list[str]:
-        """The replicas in order of preference (one per rank)."""
+    async def choose(self, route: Route | None, candidates: list[FakeReplica] | None = None,
+                     keep: bool = False) -> list[str]:
+        """The replicas in order of preference (one per rank). The router counts its first choice
+        at once; unless `keep`, the request then completes (its count goes)."""
         pending = None if route is None else FakePending([route, b"body"])
         ranks = await self.router.choose_replicas(self.replicas if candidates is None else candidates, pending)
         assert all(len(rank) == 1 for rank in ranks), ranks
+        if pending is not None and not keep:
+            self.router.on_request_completed(ranks[0][0].replica_id, pending.metadata.internal_request_id)
         return [rank[0].replica_id.unique_id for rank in ranks]
 
     def routed(self, route: Route, to: FakeReplica) -> FakePending:
@@ -110,10 +114,11 @@ async def test_sessions_go_home_and_new_ones_to_the_least_loaded_then_fewest_ses
     assert await r.choose(Route("session", session_id="s3")) == ["bbb"]
     r.router.inflight.clear()
     assert await r.choose(Route("place", session_id="new")) == ["ccc", "bbb", "aaa"]
-    # an unknown session (or one whose replica is gone) is placed like a new one
-    assert await r.choose(Route("session", session_id="s1"), [r.b, r.c]) == ["ccc", "bbb"]
-    r.busy(r.c, 1)
-    assert (await r.choose(Route("place", session_id="new")))[0] == "bbb"
+    # an unknown session (or one whose replica is gone) is placed like a new one; "new" counts on ccc
+    # from its choice on, so bbb and ccc hold one session each
+    assert await r.choose(Route("session", session_id="s1"), [r.b, r.c]) == ["bbb", "ccc"]
+    r.busy(r.c, 1)  # the busy one loses; of the idle ones aaa holds fewer sessions (s1 moved to bbb above)
+    assert await r.choose(Route("place", session_id="newer")) == ["aaa", "bbb", "ccc"]
 
 
 async def test_in_flight_counts_rise_on_routing_and_fall_on_completion_only_for_load() -> None:
@@ -170,3 +175,25 @@ async def test_a_match_too_short_for_the_prompt_counts_as_none() -> None:
     r.routed(Route("prefix", prefix="x" * 64), r.a)
     long_prompt = "x" * 64 + "y" * 64 * 20  # one chunk of 21 matched: under the 10% threshold
     assert (await r.choose(Route("prefix", prefix=long_prompt)))[0] in {"bbb", "ccc"}
+
+
+async def test_a_burst_chosen_before_any_is_routed_sees_itself() -> None:
+    """Ray chooses for every request of a burst before it routes any: each choice counts at once,
+    so six new conversations behind one system prompt split over the replicas (threshold 2)."""
+    r = Router()
+    prompts = [chat(SYSTEM * 4, f"Conversation {i}: plan a trip.") for i in range(6)]
+    got = [(await r.choose(Route("prefix", prefix=p), [r.a, r.b], keep=True))[0] for p in prompts]
+    assert sorted(got.count(x) for x in ("aaa", "bbb")) == [3, 3], got
+    assert r.router.inflight[r.a.replica_id.to_full_id_str()] == got.count("aaa")
+
+
+async def test_routing_elsewhere_than_chosen_moves_the_count() -> None:
+    r = Router()
+    pending = FakePending([Route("prefix", prefix=chat(SYSTEM, "Where to?"))])
+    ranks = await r.router.choose_replicas([r.a, r.b], pending)
+    chosen, other = (r.a, r.b) if ranks[0][0] is r.a else (r.b, r.a)
+    r.router.on_request_routed(pending, other.replica_id, None)  # the first choice was full
+    assert r.router.inflight[chosen.replica_id.to_full_id_str()] == 0
+    assert r.router.inflight[other.replica_id.to_full_id_str()] == 1
+    r.router.on_request_completed(other.replica_id, pending.metadata.internal_request_id)
+    assert r.router.inflight[other.replica_id.to_full_id_str()] == 0
