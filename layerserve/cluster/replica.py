@@ -59,7 +59,7 @@ class EngineReplica:
 
     async def _owner_elsewhere(self, route: Route) -> str | None:
         """Adopt the route's session here if need be; the replica that holds it if another does."""
-        if route.session_id is None or route.kind not in ("session",):
+        if route.session_id is None or route.kind != "session":
             return None
         try:
             await self.state.sessions.adopt(route.session_id)
