@@ -10,30 +10,21 @@ p50/p95, and the prefix-cache hit rate (cached / prompt tokens, as the responses
 The same CPU budget everywhere: 1 replica runs 2 torch threads, 2 replicas run 1 each; every
 replica has the default 1 GiB KV pool. A short warm-up workload runs first on each cluster.
 
-    .venv/bin/python bench/cluster.py [--sessions 8] [--turns 8] [--rounds 2] [--out bench/out]
+    .venv/bin/python bench/cluster.py [--sessions 8] [--turns 8] [--rounds 3] [--out bench/out]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pathlib
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import threading
-import time
-import urllib.request
 import uuid
-
-from openai import OpenAI
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import cpu_model_name  # noqa: E402
-from multiturn import TOPICS, chat_turn, pct, tool_prompt  # noqa: E402
+from multiturn import agentic, layerserve, pct  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SETUPS = {  # name -> serve flags
@@ -43,82 +34,18 @@ SETUPS = {  # name -> serve flags
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                    pids.append(int(entry.name))
-    return pids
-
-
-@contextlib.contextmanager
 def cluster(flags: list[str], log: pathlib.Path, session_dir: pathlib.Path):
-    """A cluster on a free port, in a session of its own (so nothing of Ray outlives it); yields /v1."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "layerserve.cli", "serve", "--port", str(port), "--log-level", "warning",
-           "--session-dir", str(session_dir), "--shutdown-timeout", "5", *flags]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"cluster did not start ({' '.join(flags)}); see {log}")
-            with contextlib.suppress(Exception), urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-            time.sleep(0.5)
-        yield url + "/v1"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        for pid in _session_pids(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
+    """A cluster on a free port, in a session of its own (nothing of Ray outlives it); yields /v1."""
+    return layerserve(["--session-dir", str(session_dir), "--shutdown-timeout", "5", *flags],
+                      env={"RAY_USAGE_STATS_ENABLED": "0"}, log=log, new_session=True, start_timeout=300)
 
 
 def workload(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens: int, result_chars: int,
              salt: str) -> tuple[float, list[float], int, int]:
     """(wall seconds, TTFT of every turn, cached prompt tokens, prompt tokens)."""
-    ttfts: list[float] = []
     totals = [0, 0]
-    lock = threading.Lock()
-    filler = ("humidity, wind and cloud cover by hour; " * (result_chars // 40 + 1))[:result_chars]
-
-    def session(s: int) -> None:
-        client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
-        messages = [{"role": "system", "content": tool_prompt(num_tools)},
-                    {"role": "user", "content": f"Plan a trip for traveller {s} ({salt}): check the weather in "
-                                                f"{TOPICS[s % len(TOPICS)]}ville."}]
-        for k in range(turns):
-            ttft, reply, (cached, prompt) = chat_turn(client, messages, max_tokens)
-            with lock:
-                ttfts.append(ttft)
-                totals[0] += cached
-                totals[1] += prompt
-            messages.append({"role": "assistant", "content": reply})
-            messages.append({"role": "user", "content": f'Tool result: {{"tool": "tool_{k}", "temp": {10 + k}, '
-                                                        f'"report": "{filler}"}}'})
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=session, args=(s,)) for s in range(sessions)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - start, ttfts, totals[0], totals[1]
+    wall, ttfts = agentic(base_url, sessions, turns, num_tools, max_tokens, salt, result_chars, totals)
+    return wall, ttfts, totals[0], totals[1]
 
 
 def main() -> None:
@@ -127,8 +54,8 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--tools", type=int, default=12)
     p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--result-chars", type=int, default=1000, help="size of each tool result appended")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--result-chars", type=int, default=1500, help="size of each tool result appended")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -52,24 +52,45 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def layerserve(extra: list[str], env: dict[str, str] | None = None):
-    """`layerserve serve` on a free port (`env`: extra environment variables); yields its /v1 URL."""
+def layerserve(extra: list[str], env: dict[str, str] | None = None, log: pathlib.Path | None = None,
+               new_session: bool = False, start_timeout: float = 120):
+    """`layerserve serve` on a free port (`env`: extra environment variables; `log`: its output);
+    yields its /v1 URL. `new_session`: run it in a session of its own and kill what is left of that
+    session at the end (a cluster: nothing of Ray outlives it)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "layerserve.cli", "serve", "--port", str(port), "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+    out = log.open("w") if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=new_session)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline and proc.poll() is None:
             with contextlib.suppress(Exception), urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
                     break
             time.sleep(0.3)
+        else:
+            raise RuntimeError(f"layerserve {' '.join(extra)} did not start" + (f"; see {log}" if log else ""))
         yield url + "/v1"
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        if new_session:
+            _kill_session(proc.pid)
+        proc.kill()
+        proc.wait()
+        if log is not None:
+            out.close()
+
+
+def _kill_session(sid: int) -> None:
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                    os.kill(int(entry.name), 9)
 
 
 def chat_turn(client: OpenAI, messages: list[dict], max_tokens: int) -> tuple[float, str, tuple[int, int]]:
@@ -106,13 +127,17 @@ def conversation(base_url: str, turns: int, sys_words: int, max_tokens: int) -> 
 
 
 def agentic(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens: int,
-            salt: str = "") -> tuple[float, list[float]]:
+            salt: str = "", result_chars: int = 0, totals: list[int] | None = None) -> tuple[float, list[float]]:
     """Parallel sessions sharing one tool system prompt, each turn appending the reply and a tool
     result: (wall seconds, TTFT of every turn). `salt` goes into each session's first message, so
-    repeated rounds are new sessions (bench/speed.py); the shared tool prompt stays the same."""
+    repeated rounds are new sessions (bench/speed.py); the shared tool prompt stays the same.
+    `result_chars`: a tool result carries a report of that many characters; `totals`: [cached,
+    prompt] tokens as the responses report them, added up."""
     ttfts: list[float] = []
     lock = threading.Lock()
     tag = f" ({salt})" if salt else ""
+    report = ("humidity, wind and cloud cover by hour; " * (result_chars // 40 + 1))[:result_chars]
+    counts = totals if totals is not None else [0, 0]
 
     def session(s: int) -> None:
         client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
@@ -120,11 +145,15 @@ def agentic(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens
                     {"role": "user", "content": f"Plan a trip for traveller {s}{tag}: check the weather in "
                                                 f"{TOPICS[s % len(TOPICS)]}ville."}]
         for k in range(turns):
-            ttft, reply, _ = chat_turn(client, messages, max_tokens)
+            ttft, reply, (cached, prompt) = chat_turn(client, messages, max_tokens)
             with lock:
                 ttfts.append(ttft)
+                counts[0] += cached
+                counts[1] += prompt
             messages.append({"role": "assistant", "content": reply})
-            messages.append({"role": "user", "content": f'Tool result: {{"tool": "tool_{k}", "temp": {10 + k}, "humidity": {40 + s}}}'})
+            result = f', "report": "{report}"' if report else ""
+            messages.append({"role": "user", "content": f'Tool result: {{"tool": "tool_{k}", "temp": {10 + k}, '
+                                                        f'"humidity": {40 + s}{result}}}'})
 
     start = time.perf_counter()
     threads = [threading.Thread(target=session, args=(s,)) for s in range(sessions)]

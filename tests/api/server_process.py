@@ -93,11 +93,14 @@ def kill_session(sid: int, grace_s: float = 10.0) -> None:
             pass
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it does not exit within 20 s."""
+def stop_server(proc: subprocess.Popen, timeout: float = 20.0, new_session: bool = False) -> None:
+    """SIGTERM, then SIGKILL if it does not exit within `timeout` s; with `new_session` (a server
+    started so), then SIGKILL whatever else of its session is left."""
     proc.terminate()
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    if new_session:
+        kill_session(proc.pid)

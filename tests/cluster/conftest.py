@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
-import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -19,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "api"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "sessions"))
-from server_process import Server, kill_session, start_server  # noqa: E402
+from server_process import Server, start_server, stop_server  # noqa: E402
 
 REPLICAS = 2
 
@@ -28,17 +27,6 @@ def unavailable(reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"the cluster tests cannot run here ({reason}); under CI=true that is a failure")
     pytest.skip(reason)
-
-
-def stop_cluster(proc: subprocess.Popen) -> None:
-    """SIGTERM (the CLI deletes the app and stops Ray), then SIGKILL whatever of it is left."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    kill_session(proc.pid)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +52,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_dir: pathlib.Path)
     try:
         yield srv
     finally:
-        stop_cluster(proc)
+        stop_server(proc, timeout=60, new_session=True)  # the CLI deletes the app and stops Ray
 
 
 @pytest.fixture(scope="session")
