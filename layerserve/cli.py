@@ -228,8 +228,8 @@ def serve(args: argparse.Namespace) -> int:
                     "(set --api-key or $LAYERSERVE_API_KEY, or listen on 127.0.0.1)", server_config.host)
     if args.replicas is not None:
         return _serve_cluster(args, engine_config, server_config)
-    if args.ray_address or args.detach:
-        print("layerserve: --ray-address and --detach need --replicas", file=sys.stderr)
+    if args.ray_address or args.detach or args.max_replicas:
+        print("layerserve: --ray-address, --detach and --max-replicas need --replicas", file=sys.stderr)
         return 2
     app = build_app(engine_config, server_config)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, log_level=server_config.log_level,

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from layerserve.api.errors import ErrorKind, explain, log_internal
+from layerserve.api.errors import ErrorKind, ErrorSurfaces, explain, log_internal
 
 PREFIX = "/v1/messages"
 OVERLOADED = 529
@@ -43,6 +43,9 @@ def anthropic_envelope(kind: ErrorKind, message: str, param: str | None = None,
     status = OVERLOADED if kind.code == "queue_full" else kind.status
     error_type = _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return status, {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+SURFACES = ErrorSurfaces(((PREFIX, anthropic_envelope),))  # the app's error envelopes, by path
 
 
 def sse_frame(event: dict[str, Any]) -> str:

@@ -16,10 +16,9 @@ from pydantic import BaseModel
 
 from layerserve.api import chat, completions, info, messages, sessions, tokenize
 from layerserve.api.anthropic_protocol import CountTokensRequest, MessagesRequest
-from layerserve.api.anthropic_surface import PREFIX as MESSAGES_PREFIX
-from layerserve.api.anthropic_surface import RequestIdHeader, anthropic_envelope
+from layerserve.api.anthropic_surface import SURFACES, RequestIdHeader
 from layerserve.api.auth import ApiKeyCheck
-from layerserve.api.errors import ErrorSurfaces, install_error_handlers
+from layerserve.api.errors import install_error_handlers
 from layerserve.api.limits import BodySizeLimit
 from layerserve.api.observe import AccessLog
 from layerserve.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -74,9 +73,8 @@ def build_app(engine_config: EngineConfig, server_config: ServerConfig, *,
 
     app = FastAPI(title="layerserve", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.server = state
-    surfaces = ErrorSurfaces(((MESSAGES_PREFIX, anthropic_envelope),))
-    install_error_handlers(app, surfaces)
-    app.add_middleware(BodySizeLimit, max_bytes=server_config.max_body_bytes, surfaces=surfaces)
+    install_error_handlers(app, SURFACES)
+    app.add_middleware(BodySizeLimit, max_bytes=server_config.max_body_bytes, surfaces=SURFACES)
 
     auth = ApiKeyCheck(server_config.api_key)
     protected = [Depends(auth)]

@@ -26,26 +26,24 @@ from ray.exceptions import RayError, RayTaskError
 from starlette.types import Message, Receive, Scope, Send
 
 from layerserve.api.anthropic_surface import PREFIX as MESSAGES_PREFIX
-from layerserve.api.anthropic_surface import anthropic_envelope, anthropic_error_event
+from layerserve.api.anthropic_surface import SURFACES, anthropic_error_event
 from layerserve.api.connection import error_event
-from layerserve.api.errors import (BodyTooLargeError, EngineRequestError, ErrorSurfaces, ReplicaUnavailableError,
-                                   explain)
+from layerserve.api.errors import BodyTooLargeError, EngineRequestError, ReplicaUnavailableError, explain
 from layerserve.cluster.merge import merge_metrics, merge_sessions, short_name
 from layerserve.cluster.relay import RelayRequest, RelayStart
-from layerserve.cluster.replica import (MISDIRECTED, ORDER_HEADER, OWNER_HEADER, PID_HEADER, REPLICA_HEADER,
-                                        WORLD_HEADER)
+from layerserve.cluster.replica import MISDIRECTED, ORDER_HEADER, OWNER_HEADER, PID_HEADER, REPLICA_HEADER
 from layerserve.cluster.route import SESSION_PATH, Route, route_for
 
 log = logging.getLogger("layerserve.cluster")
 
-INTERNAL_HEADERS = (REPLICA_HEADER, WORLD_HEADER, OWNER_HEADER, PID_HEADER, ORDER_HEADER)
-SURFACES = ErrorSurfaces(((MESSAGES_PREFIX, anthropic_envelope),))
+INTERNAL_HEADERS = (REPLICA_HEADER, OWNER_HEADER, PID_HEADER, ORDER_HEADER)
 
 
 @dataclass(frozen=True, slots=True)
 class IngressSettings:
     debug: bool = False  # responses keep the headers naming the replica that answered (and its pid)
     max_body_bytes: int = 16 << 20
+    replicas: int = 1  # the most engine replicas there may be (fan-out asks that many ranks)
 
 
 @dataclass(slots=True)
@@ -114,16 +112,19 @@ class Ingress:
 
     async def _open(self, route: Route, req: RelayRequest):
         """The replica's stream and its RelayStart, redirected once to the session's holder."""
-        for _ in range(2):
+        while True:
             stream = self.replicas.options(stream=True).http.remote(route, req)
-            start = await stream.__anext__()
-            owner = start.header(OWNER_HEADER)
-            if start.status != MISDIRECTED or owner is None or route.pin is not None:
+            try:
+                start = await stream.__anext__()
+            except BaseException:
+                stream.cancel()
+                raise
+            owner = (start.header(OWNER_HEADER) or b"").decode()
+            if start.status != MISDIRECTED or not owner or route.pin is not None:
                 return stream, start
             stream.cancel()
             self.redirects += 1
-            route = dataclasses.replace(route, pin=owner.decode())
-        return stream, start
+            route = dataclasses.replace(route, pin=owner)
 
     async def _relay(self, route: Route, req: RelayRequest, send: Send) -> None:
         try:
@@ -148,8 +149,9 @@ class Ingress:
             self.failures += 1
             log.warning("replica %s failed mid-response on %s: %s", start.header(REPLICA_HEADER), req.path,
                         type(exc).__name__)
-            if (start.header(b"content-type") or b"").startswith(b"text/event-stream"):
-                tail = _stream_error(req.path, _unavailable(exc)).encode()
+            if not (start.header(b"content-type") or b"").startswith(b"text/event-stream"):
+                raise  # a body cut short must not end like a whole one: the connection drops instead
+            tail = _stream_error(req.path, _unavailable(exc)).encode()
         except BaseException:
             stream.cancel()  # the client is gone: so is the replica's work for it
             raise
@@ -161,34 +163,32 @@ class Ingress:
         return Answer((start.header(REPLICA_HEADER) or b"?").decode(), start, body)
 
     async def _fan_out(self, req: RelayRequest) -> tuple[list[Answer], int]:
-        """Every replica's answer to `req` (by rank; replicas that failed are counted, not fatal)."""
-        answers: list[Answer] = []
+        """Every replica's answer to `req`, and how many calls failed. Asks ranks 0..N-1 (N: the most
+        replicas there may be; the router wraps ranks past the live ones, and answers from one
+        replica count once). One call at a time: the calls a request makes share its Ray request
+        id, and Ray's router cannot route two of them at once (it matches replicas to requests by
+        that id)."""
+        unique: dict[str, Answer] = {}
         failed = 0
-        try:
-            answers.append(await self._collect(Route("rank", rank=0), req))
-        except (RayError, StopAsyncIteration):
-            failed += 1
-        world = max((int(a.start.header(WORLD_HEADER) or 1) for a in answers), default=1)
-        more = await asyncio.gather(*(self._collect(Route("rank", rank=k), req) for k in range(1, world)),
-                                    return_exceptions=True)
-        for answer in more:
-            if isinstance(answer, Answer):
-                answers.append(answer)
-            elif isinstance(answer, (RayError, StopAsyncIteration)):
+        for rank in range(self.settings.replicas):
+            try:
+                answer = await self._collect(Route("rank", rank=rank), req)
+            except (RayError, StopAsyncIteration):
                 failed += 1
-            else:
-                raise answer
-        unique = {a.replica: a for a in answers}
+                continue
+            unique.setdefault(answer.replica, answer)
         return list(unique.values()), failed
 
     async def _fan_out_sessions(self, req: RelayRequest, send: Send) -> None:
         answers, failed = await self._fan_out(req)
-        refused = next((a for a in answers if a.start.status != 200), None)
-        if refused is not None or not answers:
-            if refused is None:
-                await self._send_error(send, req.path, ReplicaUnavailableError("No replica could be reached."))
-            else:
-                await self._send_whole(send, refused.start.status, self._client_headers(refused.start), refused.body)
+        refused = next((a for a in answers if a.start.status in (401, 403)), None)
+        if refused is not None:  # the key is wrong for every replica alike
+            await self._send_whole(send, refused.start.status, self._client_headers(refused.start), refused.body)
+            return
+        failed += sum(a.start.status != 200 for a in answers)  # draining, or still loading
+        answers = [a for a in answers if a.start.status == 200]
+        if not answers:
+            await self._send_error(send, req.path, ReplicaUnavailableError("No replica could be reached."))
             return
         created_ms: dict[str, int] = {}
         for a in answers:
@@ -203,6 +203,7 @@ class Ingress:
     async def _fan_out_metrics(self, req: RelayRequest, send: Send) -> None:
         answers, failed = await self._fan_out(req)
         pages = {a.replica: a.body.decode() for a in answers if a.start.status == 200}
+        failed += len(answers) - len(pages)
         await self._send_whole(send, 200, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
                                merge_metrics(pages, self._own_metrics(len(pages), failed)).encode())
 
@@ -264,39 +265,58 @@ class Ingress:
         self.routed[(replica, "session")] += 1
         pinned = dataclasses.replace(route, pin=replica)
         inbound = asyncio.ensure_future(self._socket_inbound(pinned, conn_id, receive))
-        denial = "websocket.http.response" in (scope.get("extensions") or {})
+        outbound = asyncio.ensure_future(self._socket_outbound(stream, scope, send))
         try:
-            async for message in stream:
-                if message["type"].startswith("websocket.http.response") and not denial:
-                    if message["type"] == "websocket.http.response.start":
-                        await send({"type": "websocket.close", "code": 1008})
-                    continue
-                await send(message)
-        except RayError:
-            self.failures += 1
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": 1011, "reason": "replica unavailable"})
+            await asyncio.wait((inbound, outbound), return_when=asyncio.FIRST_COMPLETED)
+            lost = outbound.done() and outbound.exception() is not None or (
+                inbound.done() and (inbound.exception() is not None or inbound.result() is False))
+            if lost:  # the replica went away (or dropped the socket) under it
+                self.failures += 1
+                with contextlib.suppress(Exception):
+                    await send({"type": "websocket.close", "code": 1011, "reason": "replica unavailable"})
         finally:
-            inbound.cancel()
+            for task in (inbound, outbound):
+                task.cancel()
+            await asyncio.gather(inbound, outbound, return_exceptions=True)
             stream.cancel()
+
+    async def _socket_outbound(self, stream, scope: Scope, send: Send) -> None:
+        """The replica's messages to the client, until the socket closes."""
+        denial = "websocket.http.response" in (scope.get("extensions") or {})
+        async for message in stream:
+            if message["type"].startswith("websocket.http.response") and not denial:
+                if message["type"] == "websocket.http.response.start":  # a refusal the proxy cannot relay
+                    await send({"type": "websocket.close", "code": 1008})
+                continue
+            await send(message)
 
     async def _open_socket(self, route: Route, conn_id: str, req: RelayRequest):
         for _ in range(2):
             stream = self.replicas.options(stream=True).ws.remote(route, conn_id, req)
-            first = await stream.__anext__()
+            try:
+                first = await stream.__anext__()
+            except BaseException:
+                stream.cancel()
+                raise
             if first["type"] == "layerserve.replica":
                 return stream, first["replica"]
             stream.cancel()
+            if not first["owner"] or route.pin is not None:
+                break
             self.redirects += 1
             route = dataclasses.replace(route, pin=first["owner"])
         raise ReplicaUnavailableError("The session's replica could not be found.")
 
-    async def _socket_inbound(self, route: Route, conn_id: str, receive: Receive) -> None:
+    async def _socket_inbound(self, route: Route, conn_id: str, receive: Receive) -> bool:
+        """The client's messages to the replica, in order: True when the client left, False when
+        the replica no longer has the socket."""
         while True:
             message: Message = await receive()
             delivered = await self.replicas.ws_send.remote(route, conn_id, message)
-            if message["type"] == "websocket.disconnect" or not delivered:
-                return
+            if message["type"] == "websocket.disconnect":
+                return True
+            if not delivered:
+                return False
 
 
 def _unavailable(exc: BaseException) -> Exception:

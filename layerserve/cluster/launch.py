@@ -66,7 +66,8 @@ def build_application(engine: EngineConfig, server: ServerConfig, cluster: Clust
                                          "initial_replicas": cluster.replicas,
                                          "target_ongoing_requests": cluster.target_ongoing}
     replicas = serve.deployment(EngineReplica, **options).bind(engine, server)
-    settings = IngressSettings(debug=server.debug, max_body_bytes=server.max_body_bytes)
+    settings = IngressSettings(debug=server.debug, max_body_bytes=server.max_body_bytes,
+                               replicas=max(cluster.replicas, cluster.max_replicas or 0))
     ingress = serve.deployment(ingress_deployment(settings), name="ingress", num_replicas=1,
                                max_ongoing_requests=MAX_ONGOING * max(cluster.replicas, 1),
                                ray_actor_options={"num_cpus": 0}, logging_config=logs)

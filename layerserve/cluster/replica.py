@@ -19,6 +19,12 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp
+
+from layerserve.api.anthropic_surface import SURFACES
+from layerserve.api.auth import ApiKeyCheck
+from layerserve.api.errors import APIError, error_response
 from layerserve.cluster.relay import Lifespan, RelayRequest, RelayStart, Socket, run_http
 from layerserve.cluster.route import Route
 from layerserve.config import EngineConfig, ServerConfig
@@ -27,7 +33,6 @@ from layerserve.sessions.journal import OwnedElsewhere
 log = logging.getLogger("layerserve.cluster")
 
 REPLICA_HEADER = b"x-layerserve-replica"  # which replica answered (kept for the client with --debug)
-WORLD_HEADER = b"x-layerserve-replicas"  # how many replicas the deployment has (for fan-out)
 OWNER_HEADER = b"x-layerserve-owner"  # on a 421: the replica that holds the session
 PID_HEADER = b"x-layerserve-pid"  # the replica's process (kept for the client with --debug)
 ORDER_HEADER = b"x-layerserve-created-ms"  # on a session list: {id: creation ms}, the order's hidden key
@@ -42,6 +47,7 @@ class EngineReplica:
         context = serve.get_replica_context()
         self.name = context.replica_id.to_full_id_str()
         self.app = build_app(engine_config, dataclasses.replace(server_config, replica=self.name))
+        self.auth = ApiKeyCheck(server_config.api_key)
         self.state = self.app.state.server
         self.lifespan = Lifespan(self.app)
         await self.lifespan.startup()
@@ -53,33 +59,32 @@ class EngineReplica:
         log.info("replica %s ready (pid %d)", self.name, os.getpid())
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
-        world = serve.get_replica_context().world_size
-        return [(REPLICA_HEADER, self.name.encode()), (WORLD_HEADER, str(world).encode()),
-                (PID_HEADER, str(os.getpid()).encode())]
+        return [(REPLICA_HEADER, self.name.encode()), (PID_HEADER, str(os.getpid()).encode())]
 
-    async def _owner_elsewhere(self, route: Route) -> str | None:
-        """Adopt the route's session here if need be; the replica that holds it if another does."""
+    async def _adopt(self, route: Route, req: RelayRequest) -> tuple[str | None, ASGIApp | None]:
+        """Adopt the route's session here if need be (for a caller with the API key): (the replica
+        that holds it, if another does; an error response, if it cannot be adopted)."""
         if route.session_id is None or route.kind != "session":
-            return None
+            return None, None
         try:
+            await self.auth(HTTPConnection(req.scope()))  # type: ignore[arg-type]  (it reads the headers)
             await self.state.sessions.adopt(route.session_id)
         except OwnedElsewhere as exc:
-            return exc.owner
-        return None
+            return exc.owner, None
+        except APIError as exc:
+            return None, error_response(exc, SURFACES.for_path(req.path))
+        return None, None
 
     async def http(self, route: Route, req: RelayRequest) -> AsyncIterator[RelayStart | bytes]:
-        owner = await self._owner_elsewhere(route)
-        if owner is not None:
-            yield RelayStart(MISDIRECTED, (*self._headers(), (OWNER_HEADER, owner.encode()),
-                                           (b"content-type", b"application/json")))
-            yield json.dumps({"error": {"message": f"Session '{route.session_id}' is held by replica {owner}.",
-                                        "type": "server_error", "param": None, "code": "session_elsewhere"}}).encode()
+        owner, refusal = await self._adopt(route, req)
+        if owner is not None:  # the ingress asks that replica instead (the body is never shown)
+            yield RelayStart(MISDIRECTED, (*self._headers(), (OWNER_HEADER, owner.encode())))
             return
         extra = self._headers()
         if req.method == "GET" and req.path == "/v1/sessions":  # the ingress merges lists in creation order
             created = {s.id: s.created_ms for s in self.state.sessions.list()}
             extra.append((ORDER_HEADER, json.dumps(created).encode()))
-        async for item in run_http(self.app, req):
+        async for item in run_http(refusal or self.app, req):
             if isinstance(item, RelayStart):
                 item = RelayStart(item.status, (*item.headers, *extra))
             yield item
@@ -87,12 +92,16 @@ class EngineReplica:
     async def ws(self, route: Route, conn_id: str, req: RelayRequest) -> AsyncIterator[dict]:
         """A session socket's outbound ASGI messages; the first item names this replica (or, as
         `{"type": "layerserve.owner"}`, the replica to ask instead)."""
-        owner = await self._owner_elsewhere(route)
+        owner, refusal = await self._adopt(route, req)
         if owner is not None:
             yield {"type": "layerserve.owner", "owner": owner}
             return
+        if refusal is not None:  # no key, or no room to restore the session: refuse the upgrade
+            yield {"type": "layerserve.replica", "replica": self.name}
+            yield {"type": "websocket.close", "code": 1008, "reason": "refused"}
+            return
+        socket = self.sockets[conn_id] = Socket(self.app, req)  # before the first item: inbound may follow it
         yield {"type": "layerserve.replica", "replica": self.name}
-        socket = self.sockets[conn_id] = Socket(self.app, req)
         try:
             async for message in socket.run():
                 yield message

@@ -33,7 +33,7 @@ from layerserve.cluster.route import Route
 log = logging.getLogger("layerserve.cluster")
 
 
-SWEEP_EVERY = 256
+SWEEP_EVERY_S = 5.0
 UNROUTED_TTL_S = 60.0
 
 
@@ -54,7 +54,7 @@ def route_of(pending_request: PendingRequest | None) -> Route:
 
 
 class AffinityRouter(RequestRouter):
-    def initialize_state(self, imbalance_threshold: float = 4.0, match_threshold: float = 0.1,
+    def initialize_state(self, imbalance_threshold: float = 2.0, match_threshold: float = 0.1,
                          max_prefix_keys: int = 200_000, max_sessions: int = 100_000) -> None:
         self.imbalance_threshold = imbalance_threshold
         self.match_threshold = match_threshold
@@ -64,7 +64,11 @@ class AffinityRouter(RequestRouter):
         # requests in flight per replica, as this router sent them (exact and immediate, where Ray's
         # queue-length cache lags a burst); streams that only wait (events, sockets) do not count
         self.inflight: Counter[str] = Counter()
-        self._placed: dict[str, Placement] = {}  # internal request id -> where it was counted
+        # internal request id -> where it was counted. The calls one ingress request makes share its
+        # id; the ingress makes them one at a time (Ray's own router needs that too), and the long
+        # ones made beside others (a socket's stream) are not load
+        self._placed: dict[str, Placement] = {}
+        self._swept = time.monotonic()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -129,8 +133,10 @@ class AffinityRouter(RequestRouter):
             self.prefixes.insert(keys, replica)
         self.fresh[replica] += fresh
         self.inflight[replica] += route.load
-        self._placed[request_id] = Placement(replica, route.load, fresh, time.monotonic())
-        if len(self._placed) % SWEEP_EVERY == 0:
+        now = time.monotonic()
+        self._placed[request_id] = Placement(replica, route.load, fresh, now)
+        if now - self._swept > SWEEP_EVERY_S:
+            self._swept = now
             self._sweep()
 
     def _unplace(self, request_id: str) -> None:
@@ -155,14 +161,20 @@ class AffinityRouter(RequestRouter):
         self._placed[request_id].routed = True
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        placed = self._placed.pop(internal_request_id, None)
-        if placed is not None:
+        placed = self._placed.get(internal_request_id)
+        # only the attempt that was routed there: a rejected attempt completes late, after its
+        # retry was chosen (and counted) under the same request id
+        if placed is not None and placed.routed and placed.replica == replica_id.to_full_id_str():
+            del self._placed[internal_request_id]
             self.inflight[placed.replica] -= placed.load
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         gone = set(self.curr_replicas) - {r.replica_id for r in replicas}
         super().update_replicas(replicas)
-        for replica_id in gone:
-            self.prefixes.remove(replica_id.to_full_id_str())
-            self.fresh.pop(replica_id.to_full_id_str(), None)
-            self.inflight.pop(replica_id.to_full_id_str(), None)
+        names = {replica_id.to_full_id_str() for replica_id in gone}
+        for name in names:
+            self.prefixes.remove(name)
+            self.fresh.pop(name, None)
+            self.inflight.pop(name, None)
+        for request_id in [r for r, p in self._placed.items() if p.replica in names]:
+            del self._placed[request_id]

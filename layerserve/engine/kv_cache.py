@@ -141,22 +141,34 @@ class KVCacheManager:
                 continue  # already indexed (shared prefix or indexed on an earlier step)
             if h in self._cached:
                 continue  # an identical block (or a colliding key) is indexed already; this copy stays private
-            parent = None if b == 0 else self._parent_of(block_table[b - 1], hashes[b - 1],
-                                                         token_ids[(b - 1) * bs:b * bs])
+            parent = None if b == 0 else self._parent_of(block_table, token_ids, hashes, b - 1)
             self._hash[block] = h
             self._content[block] = (parent, tuple(token_ids[b * bs:(b + 1) * bs]))
             self._cached[h] = block
         return num_full
 
-    def _parent_of(self, block: int, key: bytes, tokens: Sequence[int]) -> tuple[int, int]:
-        """What a lookup finds before the next block: the indexed block for `key` when it holds
-        these tokens (the copy the cache knows; `block` itself may be a private duplicate computed
-        beside it, which no lookup reaches), else `block`."""
-        indexed = self._cached.get(key)
-        if indexed is not None and indexed != block and self._content[indexed] is not None \
-                and self._content[indexed][1] == tuple(tokens):
-            block = indexed
-        return block, self._incarnation[block]
+    def _parent_of(self, block_table: Sequence[int], token_ids: Sequence[int], hashes: list[bytes],
+                   b: int) -> tuple[int, int]:
+        """The parent to index block b+1 under: the block a lookup of this sequence's tokens reaches
+        at block b. That is not always its own block b: a private duplicate (computed beside an
+        indexed twin) is never reached, its twin is. Found by walking back to a block indexed as
+        itself (or the root) and forward again through the index, verifying each step as
+        match_prefix does; a walk that fails means block b+1 cannot be reached, and its own block
+        is as good a parent as any."""
+        own = (block_table[b], self._incarnation[block_table[b]])
+        start = b
+        while start >= 0 and self._hash[block_table[start]] != hashes[start]:
+            start -= 1
+        if start == b:
+            return own
+        bs = self.block_size
+        parent = None if start < 0 else (block_table[start], self._incarnation[block_table[start]])
+        for k in range(start + 1, b + 1):
+            indexed = self._cached.get(hashes[k])
+            if indexed is None or self._content[indexed] != (parent, tuple(token_ids[k * bs:(k + 1) * bs])):
+                return own
+            parent = (indexed, self._incarnation[indexed])
+        return parent
 
     # ---- allocation ----------------------------------------------------------------------
     def allocate(self, count: int) -> list[int]:

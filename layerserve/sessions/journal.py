@@ -40,6 +40,7 @@ import os
 import pathlib
 import re
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ SUFFIX = ".jsonl"
 CORRUPT_SUFFIX = ".jsonl.corrupt"
 TMP_SUFFIX = ".jsonl.tmp"
 LOCK_SUFFIX = ".lock"
+OWNER_READS = 5
 
 
 class OwnedElsewhere(Exception):
@@ -337,7 +339,8 @@ class Journal:
             except BaseException:
                 os.close(fd)
                 path.unlink(missing_ok=True)
-                self._release(rec.id)
+                if not held:
+                    self._release(rec.id)
                 raise
             self._open[rec.id] = st
 
@@ -437,9 +440,6 @@ class Journal:
         self.close()
 
     # ---- restoring ------------------------------------------------------------------------
-    def exists(self, sid: str) -> bool:
-        return self.path(sid).is_file()
-
     def adopt(self, sid: str) -> SessionRecord | None:
         """One session from its journal, locked to this owner and compacted, or None when it has
         no journal (or an unrestorable one, moved aside as restore() does). OwnedElsewhere while
@@ -557,16 +557,24 @@ class Journal:
         """With an owner: lock `sid` to it (OwnedElsewhere if another holds it). Without: nothing."""
         if self.owner is None or sid in self._owned:
             return
-        fd = os.open(self._lock_path(sid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            raise OwnedElsewhere(sid, owner) from None
-        except BaseException:
-            os.close(fd)
-            raise
+        path = self._lock_path(sid)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _owner_of(fd)
+                os.close(fd)
+                raise OwnedElsewhere(sid, owner) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # locked a lock file that delete() unlinked meanwhile: take the current one
         os.ftruncate(fd, 0)
         os.pwrite(fd, self.owner.encode(), 0)
         self._owned[sid] = fd
@@ -575,6 +583,17 @@ class Journal:
         fd = self._owned.pop(sid, None)
         if fd is not None:
             os.close(fd)  # drops the flock
+
+
+def _owner_of(fd: int) -> str:
+    """The name in a lock file; read again briefly while a new owner is between truncating it and
+    writing its name."""
+    for _ in range(OWNER_READS):
+        owner = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+        if owner:
+            return owner
+        time.sleep(0.002)
+    return ""
 
 
 def _read_records(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ class SessionStore:
         self.layout = data_layout(rt)
         self.work = SessionWork(rt, metrics)
         self.sessions: dict[str, Session] = {}
+        self._adopting: dict[str, asyncio.Future] = {}  # session id -> its adoption in flight
         self._reaper: asyncio.Task | None = None
 
     # ---- start and stop ----------------------------------------------------------------
@@ -83,11 +84,29 @@ class SessionStore:
         live now. OwnedElsewhere while another replica holds it. For replicas only."""
         if session_id in self.sessions or self.journal.owner is None or not SESSION_ID.fullmatch(session_id):
             return session_id in self.sessions
+        if session_id in self._adopting:  # one adoption per session: the others wait for it
+            return await asyncio.shield(self._adopting[session_id])
+        done = self._adopting[session_id] = asyncio.get_running_loop().create_future()
+        try:
+            live = await self._adopt(session_id)
+        except BaseException as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: the waiters (if any) get it too
+            raise
+        else:
+            done.set_result(live)
+            return live
+        finally:
+            del self._adopting[session_id]
+
+    async def _adopt(self, session_id: str) -> bool:
+        if len(self.sessions) >= self.max_sessions:
+            raise ConflictError(f"This replica holds {len(self.sessions)} live sessions, its limit (--max-sessions "
+                                f"{self.max_sessions}); session '{session_id}' cannot be restored here now.", None,
+                                "too_many_sessions")
         session = await self.rt.offload(self._adopted, session_id)
         if session is None:
             return False
-        if session_id in self.sessions:  # adopted meanwhile by a concurrent request
-            return True
         self.sessions[session_id] = session
         self.rt.engine.open_session(session.id)
         if session.pending or session.flash:

@@ -1,6 +1,7 @@
 """A real cluster for the cluster tests: `layerserve serve --replicas 2` on a Ray cluster it starts
 on this machine (loopback only, usage stats off), two replicas of the default model with one torch
-thread each, --debug (responses name the replica and its pid).
+thread each, --debug (responses name the replica and its pid); one per module (test_cluster.py),
+stopped when it ends, so its processes do not sit beside the rest of the suite.
 
 Where Ray cannot start here the tests are skipped with the reason; under CI=true that is a failure.
 Every process of the cluster runs in the CLI's own session, and teardown kills what is left of it.
@@ -34,7 +35,7 @@ def cluster_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return tmp_path_factory.mktemp("cluster-sessions")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_dir: pathlib.Path) -> Iterator[Server]:
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
         unavailable("Ray Serve is not installed (pip install 'layerserve[cluster]')")
@@ -55,13 +56,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_dir: pathlib.Path)
         stop_server(proc, timeout=60, new_session=True)  # the CLI deletes the app and stops Ray
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def session_server(cluster: Server) -> Server:
     """The cluster, under the name the session tests' fixtures use."""
     return cluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ls(cluster: Server):
     from layerscale import LayerScale
 

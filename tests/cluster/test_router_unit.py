@@ -59,7 +59,8 @@ class Router:
         pending = None if route is None else FakePending([route, b"body"])
         ranks = await self.router.choose_replicas(self.replicas if candidates is None else candidates, pending)
         assert all(len(rank) == 1 for rank in ranks), ranks
-        if pending is not None and not keep:
+        if pending is not None and not keep:  # routed to the first choice, and done
+            self.router.on_request_routed(pending, ranks[0][0].replica_id, None)
             self.router.on_request_completed(ranks[0][0].replica_id, pending.metadata.internal_request_id)
         return [rank[0].replica_id.unique_id for rank in ranks]
 
@@ -131,6 +132,18 @@ async def test_in_flight_counts_rise_on_routing_and_fall_on_completion_only_for_
         r.done(p, r.a)
     r.router.on_request_completed(r.a.replica_id, "never-routed")
     assert r.router.inflight[r.a.replica_id.to_full_id_str()] == 0
+
+
+async def test_a_late_completion_of_a_rejected_attempt_leaves_the_retry_counted() -> None:
+    r = Router()
+    pending = FakePending([Route("any")])
+    first = (await r.router.choose_replicas([r.a, r.b], pending))[0][0]
+    retry = (await r.router.choose_replicas([r.a, r.b], pending))[0][0]  # the first choice refused it
+    r.router.on_request_completed(first.replica_id, pending.metadata.internal_request_id)  # the late callback
+    assert r.router.inflight[retry.replica_id.to_full_id_str()] == 1
+    r.router.on_request_routed(pending, retry.replica_id, None)
+    r.router.on_request_completed(retry.replica_id, pending.metadata.internal_request_id)
+    assert sum(r.router.inflight.values()) == 0
 
 
 async def test_a_prompt_goes_to_the_replica_that_saw_its_prefix() -> None:

@@ -189,3 +189,14 @@ def test_blocks_after_a_duplicate_computed_beside_its_twin_stay_reachable():
     follow_up = b_tokens + [3] * 5  # B's next turn
     hit = kv.match_prefix(follow_up, [])
     assert hit == a_table[:4] + b_table[4:6], (hit, a_table, b_table)
+
+
+def test_a_colliding_key_never_links_a_block_to_another_prefix():
+    """With keys that ignore the parent (a forced collision), a private duplicate's twin may sit on
+    another prefix: the block after the duplicate must not become reachable from that prefix."""
+    kv = KVCacheManager(num_blocks=32, block_size=BS, hash_fn=lambda parent, tokens: bytes(array("q", tokens)))
+    fill(kv, [1] * BS + [5] * BS + [0])  # A: 1111|5555 indexed
+    b_table = fill(kv, [2] * BS + [5] * BS + [9] * BS + [0])  # B: its 5555 is a duplicate of A's key
+    kv.free(b_table)
+    hit = kv.match_prefix([1] * BS + [5] * BS + [9] * BS + [7], [])
+    assert b_table[2] not in hit and len(hit) <= 2, hit
