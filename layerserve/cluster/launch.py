@@ -4,7 +4,7 @@
     proxy (Ray Serve, HOST:PORT) -> ingress (1 replica, ingress.py) -> engine (N replicas, replica.py)
 
 The engine deployment routes with AffinityRouter (router.py), or Ray's power-of-two router with
-`--router power-of-two` (for comparison). Sessions live in one journal directory that every
+`--router power-of-two` (for comparison; it honours only the pins that redirects and sockets need). Sessions live in one journal directory that every
 replica reads and writes: on one machine the default cache dir, on many a shared mount given as
 --session-dir.
 """
@@ -47,19 +47,19 @@ def build_application(engine: EngineConfig, server: ServerConfig, cluster: Clust
     from layerserve.cluster.ingress import IngressSettings, ingress_deployment
     from layerserve.cluster.replica import EngineReplica
 
-    router = None
-    if cluster.router == "affinity":
-        from layerserve.cluster.router import AffinityRouter
+    from layerserve.cluster.router import AffinityRouter, PinnedPowerOfTwoRouter
 
+    if cluster.router == "affinity":
         router = RequestRouterConfig(request_router_class=AffinityRouter,
                                      request_router_kwargs={"imbalance_threshold": cluster.imbalance_threshold})
+    else:
+        router = RequestRouterConfig(request_router_class=PinnedPowerOfTwoRouter)
     engine = dataclasses.replace(engine, num_threads=cluster.replica_threads)
     logs = {"log_level": server.log_level.upper(), "enable_access_log": server.log_level == "debug"}
-    options = dict(name="engine", num_replicas=cluster.replicas, max_ongoing_requests=MAX_ONGOING, logging_config=logs,
-                   ray_actor_options={"num_cpus": cluster.replica_threads}, health_check_period_s=2.0,
+    options = dict(name="engine", num_replicas=cluster.replicas, max_ongoing_requests=MAX_ONGOING,
+                   logging_config=logs, ray_actor_options={"num_cpus": cluster.replica_threads}, health_check_period_s=2.0,
                    health_check_timeout_s=30.0, graceful_shutdown_timeout_s=server.shutdown_timeout)
-    if router is not None:
-        options["request_router_config"] = router
+    options["request_router_config"] = router
     if cluster.max_replicas is not None and cluster.max_replicas > cluster.replicas:
         del options["num_replicas"]
         options["autoscaling_config"] = {"min_replicas": cluster.replicas, "max_replicas": cluster.max_replicas,

@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter  # the default, for comparison
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from layerserve.cluster.affinity import CHUNK_CHARS, PrefixIndex, SessionMap, chunk_keys
@@ -178,3 +179,15 @@ class AffinityRouter(RequestRouter):
             self.inflight.pop(name, None)
         for request_id in [r for r, p in self._placed.items() if p.replica in names]:
             del self._placed[request_id]
+
+
+
+class PinnedPowerOfTwoRouter(PowerOfTwoChoicesRequestRouter):
+    """Ray Serve's default router (power of two choices), honouring only a Route's `pin`: the
+    redirects to a session's holder and a socket's inbound messages need it. For comparison."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        pin = route_of(pending_request).pin
+        pinned = [r for r in candidate_replicas if pin and r.replica_id.to_full_id_str() == pin]
+        return [pinned] if pinned else await super().choose_replicas(candidate_replicas, pending_request)

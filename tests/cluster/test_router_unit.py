@@ -210,3 +210,14 @@ async def test_routing_elsewhere_than_chosen_moves_the_count() -> None:
     assert r.router.inflight[other.replica_id.to_full_id_str()] == 1
     r.router.on_request_completed(other.replica_id, pending.metadata.internal_request_id)
     assert r.router.inflight[other.replica_id.to_full_id_str()] == 0
+
+
+async def test_the_power_of_two_comparison_router_honours_pins() -> None:
+    """The pin is all it reads of a Route (the rest is Ray's own power-of-two choice)."""
+    from layerserve.cluster.router import PinnedPowerOfTwoRouter
+
+    r = Router()
+    pow2 = PinnedPowerOfTwoRouter.__new__(PinnedPowerOfTwoRouter)
+    ranks = await pow2.choose_replicas(r.replicas, FakePending([Route("session", session_id="s",
+                                                                      pin=r.c.replica_id.to_full_id_str())]))
+    assert ranks == [[r.c]]
