@@ -19,7 +19,10 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "api"))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "sessions"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from server_process import Server, start_server, stop_server  # noqa: E402
+
+from cluster_helpers import wait_for_replicas  # noqa: E402
 
 REPLICAS = 2
 
@@ -51,6 +54,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, cluster_dir: pathlib.Path)
             unavailable(f"Ray could not start here: {text[-600:]}")
         raise
     try:
+        wait_for_replicas(srv, REPLICAS)
         yield srv
     finally:
         stop_server(proc, timeout=60, new_session=True)  # the CLI deletes the app and stops Ray

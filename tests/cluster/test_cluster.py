@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 import uuid
 
 import anthropic
@@ -23,6 +22,7 @@ import httpx
 import openai
 import pytest
 from layerscale import LayerScale, NotFoundError, WsConnected, WsPushAck
+from cluster_helpers import wait_for_replicas
 from server_process import Server
 from session_helpers import Pump
 from test_session_sockets import (sid, test_async_socket,  # noqa: F401
@@ -60,12 +60,6 @@ def chat_raw(cluster: Server, messages: list[dict], **extra) -> tuple[dict, http
                    headers=extra.pop("headers", None))
     assert r.status_code == 200, r.text
     return r.json(), r.headers
-
-
-def replicas_answering(cluster: Server) -> int:
-    text = httpx.get(f"{cluster.base_url}/metrics", timeout=WAIT_S).text
-    return int(float(next(line.split()[-1] for line in text.splitlines()
-                          if line.startswith("layerserve:cluster_replicas "))))
 
 
 def test_a_ten_turn_conversation_stays_on_one_replica(cluster: Server) -> None:
@@ -184,15 +178,17 @@ def test_the_apis_and_their_errors_through_the_ingress(cluster: Server) -> None:
     assert text
 
 
-def _stream(cluster: Server, sid: str, out: dict) -> None:
+def _stream(cluster: Server, sid: str, out: dict, started: threading.Event) -> None:
     client = openai.OpenAI(base_url=cluster.v1, api_key="unused", max_retries=0, timeout=WAIT_S)
     pieces = []
     try:
         for chunk in client.chat.completions.create(
                 model="default", messages=[{"role": "user", "content": "Write a long story about a dragon."}],
-                max_tokens=200, temperature=0, stream=True, extra_headers={"x-layerscale-session-id": sid}):
+                max_tokens=800, temperature=0, stream=True, extra_headers={"x-layerscale-session-id": sid}):
             for choice in chunk.choices:
                 pieces.append(choice.delta.content or "")
+                if len(pieces) == 3:
+                    started.set()
                 if choice.finish_reason:
                     out["finish"] = choice.finish_reason
     except openai.APIError as exc:
@@ -212,10 +208,12 @@ def test_a_killed_replica_fails_only_its_streams_and_its_sessions_come_back(clus
     assert before.turns == 1 and before.data_version >= 1
     victim = int(httpx.get(f"{cluster.v1}/sessions/{a}", timeout=WAIT_S).headers[PID])
     outs: dict[str, dict] = {a: {}, b: {}}
-    threads = [threading.Thread(target=_stream, args=(cluster, sid, outs[sid])) for sid in (a, b)]
+    started = {a: threading.Event(), b: threading.Event()}
+    threads = [threading.Thread(target=_stream, args=(cluster, sid, outs[sid], started[sid])) for sid in (a, b)]
     for t in threads:
         t.start()
-    time.sleep(1.5)  # both streams are under way
+    for sid in (a, b):  # both streams are under way (800 tokens each: seconds more to go)
+        assert started[sid].wait(WAIT_S), outs[sid]
     os.kill(victim, signal.SIGKILL)
     for t in threads:
         t.join(WAIT_S)
@@ -230,9 +228,6 @@ def test_a_killed_replica_fails_only_its_streams_and_its_sessions_come_back(clus
     assert int(headers[PID]) != victim and body["choices"][0]["message"]["content"] is not None
     assert ls.sessions.get(a).turns == 2
     assert ls.sessions.get(b).turns == 1  # the other replica's session kept its turn (the stream finished)
-    deadline = time.monotonic() + WAIT_S  # Ray brings the dead replica back
-    while replicas_answering(cluster) < 2:
-        assert time.monotonic() < deadline, "the killed replica did not come back"
-        time.sleep(1)
+    wait_for_replicas(cluster, 2)  # Ray brings the dead replica back
     for sid in (a, b):
         ls.sessions.delete(sid)
