@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import pathlib
+import random
 import socket
 import statistics
 import subprocess
@@ -127,12 +128,14 @@ def conversation(base_url: str, turns: int, sys_words: int, max_tokens: int) -> 
 
 
 def agentic(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens: int,
-            salt: str = "", result_chars: int = 0, totals: list[int] | None = None) -> tuple[float, list[float]]:
+            salt: str = "", result_chars: int = 0, totals: list[int] | None = None,
+            tool_seconds: float = 0.0) -> tuple[float, list[float]]:
     """Parallel sessions sharing one tool system prompt, each turn appending the reply and a tool
     result: (wall seconds, TTFT of every turn). `salt` goes into each session's first message, so
     repeated rounds are new sessions (bench/speed.py); the shared tool prompt stays the same.
     `result_chars`: a tool result carries a report of that many characters; `totals`: [cached,
-    prompt] tokens as the responses report them, added up."""
+    prompt] tokens as the responses report them, added up. `tool_seconds`: each tool call takes
+    0.5x-1.5x that long before its result is sent (seeded per session), as a real tool would."""
     ttfts: list[float] = []
     lock = threading.Lock()
     tag = f" ({salt})" if salt else ""
@@ -141,6 +144,7 @@ def agentic(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens
 
     def session(s: int) -> None:
         client = OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+        rng = random.Random(s)
         messages = [{"role": "system", "content": tool_prompt(num_tools)},
                     {"role": "user", "content": f"Plan a trip for traveller {s}{tag}: check the weather in "
                                                 f"{TOPICS[s % len(TOPICS)]}ville."}]
@@ -151,6 +155,8 @@ def agentic(base_url: str, sessions: int, turns: int, num_tools: int, max_tokens
                 counts[0] += cached
                 counts[1] += prompt
             messages.append({"role": "assistant", "content": reply})
+            if tool_seconds:
+                time.sleep(tool_seconds * rng.uniform(0.5, 1.5))
             result = f', "report": "{report}"' if report else ""
             messages.append({"role": "user", "content": f'Tool result: {{"tool": "tool_{k}", "temp": {10 + k}, '
                                                         f'"humidity": {40 + s}{result}}}'})
